@@ -1,0 +1,3 @@
+"""Triton kernels of LServe unified sparse attention (lserve_hf.kernels)."""
+
+TRITON_AVAILABLE = False

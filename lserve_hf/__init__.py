@@ -1,0 +1,11 @@
+"""LServe unified sparse attention (streaming heads + query-aware page selection) as a drop-in
+patch for HuggingFace Transformers causal LMs."""
+
+from .cache import LServeCache
+from .config import LServeConfig
+from .embedded import load_embedded_model
+from .patch import SUPPORTED_MODEL_TYPES, patch_model, unpatch_model
+
+__all__ = ["LServeCache", "LServeConfig", "SUPPORTED_MODEL_TYPES", "load_embedded_model",
+           "patch_model", "unpatch_model"]
+__version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""The attention function a patched model runs, registered with transformers'
+``AttentionInterface`` (and a matching mask function with ``AttentionMaskInterface``).
+
+Three regimes, chosen by what the ``LServeLayer`` holds:
+- prefill (first chunk): block-sparse attention over the chunk's own keys; retrieval heads causal,
+  streaming heads sink + local band (``prefill_sink``/``prefill_local``);
+- decode (one new token): streaming heads read sink + ring, retrieval heads read the pages their
+  query selects (dense while the row is within the token budget);
+- extend (several tokens appended to a cache): retrieval heads causal over the pool, streaming heads
+  sink + ring as decode would see them token by token.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import reference
+from .streaming import ring_tokens
+
+logger = logging.getLogger("lserve_hf")
+ATTN_NAME = "lserve"
+_warned: set[str] = set()
+
+
+def warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        logger.warning(msg)
+
+
+def lserve_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                attention_mask=None, **kwargs):
+    """Mask function for ``AttentionMaskInterface``: hand the 2-D padding mask through (LServe
+    builds its causal/sink/local masks itself), or None when nothing is padded."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask
+    attention_mask = attention_mask[:, -kv_length:].bool()
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def lserve_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             lserve_layer=None, sliding_window=None, **kwargs):
+    """``AttentionInterface`` entry: returns ``([B, S, Hq, D], None)``."""
+    plan = module.lserve_plan
+    cfg = module.lserve_config
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if lserve_layer is None or lserve_layer.phase == "prefill":
+        if lserve_layer is None and query.shape[2] == 1 and key.shape[2] > 1:
+            warn_once("LServe: decoding with a cache that is not an LServeCache; streaming heads use the "
+                      "prefill window and retrieval heads attend densely (no page selection). Let the "
+                      "patched model create its cache, or pass LServeCache(model).")
+        out = _prefill(query, key, value, attention_mask, plan, cfg, scale, sliding_window)
+    elif query.shape[2] == 1:
+        out = _decode(query, lserve_layer, plan, cfg, scale)
+    else:
+        out = _extend(query, lserve_layer, cfg, scale, key, value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _prefill(query, key, value, attention_mask, plan, cfg, scale, sliding_window):
+    kv_start = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        kv_start = (~attention_mask[:, -key.shape[2]:].bool()).sum(1)
+    streaming = plan.streaming.to(query.device)
+    q_offset = key.shape[2] - query.shape[2]
+    return reference.prefill_attention(query, key, value, streaming, cfg.prefill_sink, cfg.prefill_local,
+                                       q_offset=q_offset, kv_start=kv_start, scale=scale,
+                                       sliding_window=sliding_window, query_block=cfg.prefill_query_block)
+
+
+def _decode(query, layer, plan, cfg, scale):
+    B, Hq, _, D = query.shape
+    Hkv = plan.streaming.numel()
+    G = Hq // Hkv
+    q = query.view(B, Hkv, G, D)
+    out = torch.empty_like(q)
+    st, rt = plan.stream_heads.to(q.device), plan.retrieval_heads.to(q.device)
+    if st.numel():
+        out[:, st] = reference.streaming_decode(q[:, st], layer.sink_k, layer.sink_v, layer.ring_k,
+                                                layer.ring_v, layer.lengths, cfg.decode_sink,
+                                                cfg.decode_local, scale)
+    if rt.numel():
+        out[:, rt] = reference.paged_decode(q[:, rt], layer.pool_k, layer.pool_v,
+                                            decode_pages(q[:, rt], layer, plan, cfg),
+                                            layer.lengths, cfg.page_size, scale)
+    layer.decode_steps += 1
+    return out.view(B, Hq, 1, D)
+
+
+def decode_pages(q, layer, plan, cfg) -> torch.Tensor:
+    """Pages a decode step reads, ``[B, Hr, G, K+1]``: the reused selection plus the newest page
+    (masked out where the selection already holds it)."""
+    B, Hr, G, _ = q.shape
+    n_pages = layer.pool_k.shape[2] // cfg.page_size
+    last = ((layer.lengths - 1) // cfg.page_size).view(B, 1, 1, 1).expand(B, Hr, G, 1)
+    if plan.dense:
+        return torch.arange(n_pages, device=q.device).view(1, 1, 1, -1).expand(B, Hr, G, -1)
+    if layer.pages is None or layer.decode_steps % cfg.selector_interval == 0:
+        layer.pages = reference.select_pages(q, layer.kmax, layer.kmin, layer.lengths, cfg.page_size,
+                                             cfg.logical_page_size, cfg.pages_per_selection)
+    dup = (layer.pages == last).any(-1, keepdim=True)
+    return torch.cat([layer.pages, torch.where(dup, -1, last)], dim=-1)
+
+
+def _extend(query, layer, cfg, scale, new_k, new_v):
+    plan = layer.plan
+    B, Hq, S, D = query.shape
+    Hkv = plan.streaming.numel()
+    G = Hq // Hkv
+    q = query.view(B, Hkv, G, S, D)
+    before = layer.lengths - S
+    q_pos = before.view(B, 1) + torch.arange(S, device=q.device).view(1, S)
+    out = torch.empty_like(q)
+    st, rt = plan.stream_heads.to(q.device), plan.retrieval_heads.to(q.device)
+    if rt.numel():
+        T = layer.max_length
+        k_pos = torch.arange(T, device=q.device).view(1, T).expand(B, T)
+        k_pos = torch.where(k_pos < layer.lengths.view(B, 1), k_pos, -1)
+        out[:, rt] = reference.positional_attention(q[:, rt], layer.pool_k[:, :, :T], layer.pool_v[:, :, :T],
+                                                    q_pos, k_pos, scale=scale)
+    if st.numel():
+        sink, local = cfg.decode_sink, cfg.decode_local
+        ring_k, ring_v = layer.ring_before
+        sink_pos = torch.arange(sink, device=q.device).view(1, sink).expand(B, sink)
+        sink_pos = torch.where(sink_pos < before.view(B, 1), sink_pos, -1)
+        ring_pos = ring_tokens(before, local)
+        ring_pos = torch.where(ring_pos >= sink, ring_pos, -1)
+        k = torch.cat([layer.sink_k, ring_k, new_k[:, st]], dim=2)
+        v = torch.cat([layer.sink_v, ring_v, new_v[:, st]], dim=2)
+        k_pos = torch.cat([sink_pos, ring_pos, q_pos], dim=1)
+        out[:, st] = reference.positional_attention(q[:, st], k, v, q_pos, k_pos, sink, local, scale)
+    return out.view(B, Hq, S, D)

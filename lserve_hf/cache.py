@@ -1,0 +1,249 @@
+"""The LServe KV cache: a thin ``transformers.Cache`` over one ``LServeLayer`` per decoder layer.
+
+Each layer owns two stores, one per kind of KV head:
+- streaming heads: a sink buffer and a ring buffer (``streaming.py``), constant size;
+- retrieval heads: a page pool ``[B, Hr, capacity, D]`` that grows by whole physical pages, with
+  per-logical-page key max/min summaries (``pages.py``) for query-aware page selection.
+
+Rows are stored from their first real token (left padding removed), so every row's pages, sinks
+and budget are exactly what the same prompt would get alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import pages as page_ops
+from .config import LServeConfig
+from .streaming import fill_sink_and_ring
+
+
+@dataclass
+class LayerPlan:
+    """Which KV heads of one layer stream, fixed at patch time."""
+
+    layer_idx: int
+    streaming: torch.Tensor  # bool [Hkv]
+    dense: bool              # a dense layer: no streaming heads and no page selection
+
+    @property
+    def stream_heads(self) -> torch.Tensor:
+        return self.streaming.nonzero().flatten()
+
+    @property
+    def retrieval_heads(self) -> torch.Tensor:
+        return (~self.streaming).nonzero().flatten()
+
+
+class LServeLayer(CacheLayerMixin):
+    """One decoder layer's LServe KV: streaming sink + ring, retrieval page pool + summaries."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, plan: LayerPlan, config: LServeConfig):
+        super().__init__()
+        self.plan, self.config = plan, config
+        self.seq_len = 0            # positions seen, padding included (what generate() counts)
+        self.lengths = None         # [B] real tokens stored per row
+        self.max_length = 0         # host copy of lengths.max(), so growth needs no device sync
+        self.pending_kv_start = None
+        self.phase = "empty"        # "prefill" right after the first update, then "extend"
+        self.pages = None           # [B, Hr, G, K] reused page selection
+        self.decode_steps = 0
+        self.sink_k = self.sink_v = self.ring_k = self.ring_v = None
+        self.pool_k = self.pool_v = self.kmax = self.kmin = None
+
+    # -- transformers' CacheLayerMixin ------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.seq_len
+
+    def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[-1])
+        return self.seq_len + q, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Store new keys/values. Returns them unchanged: the first (prefill) chunk is attended
+        from them directly; later steps are attended from the stores (``attention.py``)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.phase == "empty":
+            self._prefill(key_states, value_states)
+            self.phase = "prefill"
+        else:
+            self._append(key_states, value_states)
+            self.phase = "extend"
+        return key_states, value_states
+
+    def reset(self):
+        self.__init__(self.plan, self.config)
+
+    def crop(self, tokens_to_remove):
+        raise NotImplementedError(
+            "LServeCache cannot crop: streaming heads keep only a ring of recent tokens, so dropped "
+            "tokens cannot be restored. Assisted/speculative decoding needs an unpatched model.")
+
+    def _batch_apply(self, fn):
+        for name in ("lengths", "sink_k", "sink_v", "ring_k", "ring_v", "pool_k", "pool_v",
+                     "kmax", "kmin", "pages"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx):
+        if self.lengths is not None:
+            self._batch_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        if self.lengths is not None:
+            self._batch_apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices):
+        if self.lengths is not None:
+            self._batch_apply(lambda t: t[indices])
+            self.max_length = int(self.lengths.max())
+
+    # -- LServe stores -------------------------------------------------------------------------
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in
+                   (self.sink_k, self.sink_v, self.ring_k, self.ring_v,
+                    self.pool_k, self.pool_v, self.kmax, self.kmin) if t is not None)
+
+    @property
+    def kv_start(self) -> torch.Tensor:
+        """First real slot of each row in the current prefill chunk (left padding)."""
+        return self.pending_kv_start
+
+    def _split(self, x):
+        st = self.plan.stream_heads.to(x.device)
+        rt = self.plan.retrieval_heads.to(x.device)
+        return x.index_select(1, st), x.index_select(1, rt)
+
+    def _prefill(self, k, v):
+        cfg = self.config
+        B, H, S, D = k.shape
+        kv_start = self.pending_kv_start
+        if kv_start is None:
+            kv_start = torch.zeros(B, dtype=torch.long, device=k.device)
+        kv_start = kv_start.to(k.device)
+        self.pending_kv_start = kv_start
+        self.lengths = (S - kv_start).long()
+        self.max_length = S - int(kv_start.min()) if B else 0
+        if bool((kv_start != 0).any()):
+            # left padding: shift each row so its first real token sits at slot 0
+            idx = (torch.arange(S, device=k.device).view(1, S) + kv_start.view(B, 1)).clamp(max=S - 1)
+            idx = idx.view(B, 1, S, 1).expand(B, H, S, D)
+            k, v = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+        ks, kr = self._split(k)
+        vs, vr = self._split(v)
+        self.sink_k, self.ring_k = fill_sink_and_ring(ks, self.lengths, cfg.decode_sink, cfg.decode_local)
+        self.sink_v, self.ring_v = fill_sink_and_ring(vs, self.lengths, cfg.decode_sink, cfg.decode_local)
+        cap = page_ops.round_up(max(S, 1), cfg.page_size)
+        self.pool_k = kr.new_zeros(B, kr.shape[1], cap, D)
+        self.pool_v = vr.new_zeros(B, vr.shape[1], cap, D)
+        self.pool_k[:, :, :S] = kr
+        self.pool_v[:, :, :S] = vr
+        self.kmax, self.kmin = page_ops.build_summaries(self.pool_k, self.lengths, cfg)
+        self.seq_len = S
+
+    def _grow(self, needed: int):
+        """Grow the page pool by whole pages (an eighth of its size at least, so appends
+        amortise) and extend the summaries with empty logical pages."""
+        cfg = self.config
+        cap = self.pool_k.shape[2]
+        if needed <= cap:
+            return
+        new_cap = page_ops.round_up(max(needed, cap + cap // 8), cfg.page_size)
+        extra = new_cap - cap
+        B, Hr, _, D = self.pool_k.shape
+        self.pool_k = torch.cat([self.pool_k, self.pool_k.new_zeros(B, Hr, extra, D)], dim=2)
+        self.pool_v = torch.cat([self.pool_v, self.pool_v.new_zeros(B, Hr, extra, D)], dim=2)
+        nl = extra // cfg.logical_page_size
+        self.kmax = torch.cat([self.kmax, self.kmax.new_full((B, Hr, nl, D), float("-inf"))], dim=2)
+        self.kmin = torch.cat([self.kmin, self.kmin.new_full((B, Hr, nl, D), float("inf"))], dim=2)
+
+    def _append(self, k, v):
+        """Append S new tokens per row at slots ``lengths[b] + i``."""
+        cfg = self.config
+        B, H, S, D = k.shape
+        pos = self.lengths.view(B, 1) + torch.arange(S, device=k.device).view(1, S)   # [B, S]
+        ks, kr = self._split(k)
+        vs, vr = self._split(v)
+        self.positions_before = self.lengths
+        if self.pool_k.shape[1]:
+            self._grow(self.max_length + S)
+            idx = pos.view(B, 1, S, 1).expand(B, kr.shape[1], S, D)
+            self.pool_k.scatter_(2, idx, kr)
+            self.pool_v.scatter_(2, idx, vr)
+            page_ops.update_summaries(self.kmax, self.kmin, kr, pos, cfg)
+        if self.sink_k.shape[1]:
+            # attention of a multi-token chunk needs the ring as it was before this chunk
+            self.ring_before = (self.ring_k.clone(), self.ring_v.clone()) if S > 1 else None
+            self._append_streaming(ks, vs, pos)
+        self.lengths = self.lengths + S
+        self.max_length += S
+        self.seq_len += S
+
+    def _append_streaming(self, ks, vs, pos):
+        cfg = self.config
+        B, Hs, S, D = ks.shape
+        if cfg.decode_sink:
+            in_sink = (pos < cfg.decode_sink).view(B, 1, S, 1)
+            slot = pos.clamp(max=cfg.decode_sink - 1).view(B, 1, S, 1).expand(B, Hs, S, D)
+            # rows past the sink write a slot's own value back
+            self.sink_k.scatter_(2, slot, torch.where(in_sink, ks, self.sink_k.gather(2, slot)))
+            self.sink_v.scatter_(2, slot, torch.where(in_sink, vs, self.sink_v.gather(2, slot)))
+        n = min(S, cfg.decode_local)   # only the newest `local` tokens can survive in the ring
+        slot = torch.remainder(pos[:, S - n:], cfg.decode_local).view(B, 1, n, 1).expand(B, Hs, n, D)
+        self.ring_k.scatter_(2, slot, ks[:, :, S - n:])
+        self.ring_v.scatter_(2, slot, vs[:, :, S - n:])
+
+
+class LServeCache(Cache):
+    """KV cache of a patched model. ``generate()`` and plain forwards of a patched model create
+    one per call; pass ``LServeCache(model)`` as ``past_key_values`` to keep it yourself."""
+
+    def __init__(self, model=None, *, plans: list[LayerPlan] | None = None,
+                 config: LServeConfig | None = None):
+        if plans is None:
+            state = getattr(model, "_lserve", None)
+            if state is None:
+                raise ValueError("LServeCache(model) needs a model patched with lserve_hf.patch_model(model).")
+            plans, config = state.plans, state.config
+        super().__init__(layers=[LServeLayer(p, config) for p in plans])
+        self.config = config
+
+    def begin_forward(self, attention_mask: torch.Tensor | None, batch: int, q_len: int, device):
+        """Record each row's left padding before the first (prefill) chunk reaches the layers."""
+        if self.get_seq_length() > 0:
+            if attention_mask is not None and attention_mask.dim() == 2 and q_len > 1 \
+                    and not bool(attention_mask[:, -q_len:].all()):
+                raise ValueError("LServe supports padding only on the left of the first chunk; "
+                                 "new tokens appended to a cache cannot be padding.")
+            return
+        kv_start = torch.zeros(batch, dtype=torch.long, device=device)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            m = attention_mask[:, -q_len:].to(device).bool()
+            if bool((m[:, 1:] < m[:, :-1]).any()):
+                raise ValueError(
+                    "LServe supports left padding only (each row's real tokens must be contiguous and "
+                    "end at the last position): load the tokenizer with padding_side='left'.")
+            kv_start = (~m).sum(1)
+            if bool((kv_start >= q_len).any()):
+                raise ValueError("A row of the batch holds no real token (its attention_mask is all zeros).")
+        for layer in self.layers:
+            layer.pending_kv_start = kv_start
+
+    def kv_bytes(self) -> int:
+        """Bytes held by the KV stores of all layers (page pools by capacity, summaries included)."""
+        return sum(layer.kv_bytes() for layer in self.layers)

@@ -1,0 +1,28 @@
+"""Pages of the retrieval heads' KV pool: physical pages (the unit read at decode) split into
+logical pages, each summarised by per-channel key max and min ("hierarchical paging").
+
+Thin dispatch between the torch reference and the Triton kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .config import LServeConfig
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def build_summaries(pool_k: torch.Tensor, lengths: torch.Tensor, cfg: LServeConfig):
+    return reference.page_summaries(pool_k, lengths, cfg.logical_page_size)
+
+
+def update_summaries(kmax, kmin, new_k, positions, cfg: LServeConfig) -> None:
+    """Fold new keys ``[B, Hr, S, D]`` at token positions ``[B, S]`` into the summaries in place.
+    Empty logical pages hold -inf/+inf, so a plain max/min starts a page correctly."""
+    B, Hr, S, D = new_k.shape
+    idx = (positions // cfg.logical_page_size).view(B, 1, S, 1).expand(B, Hr, S, D)
+    kmax.scatter_reduce_(2, idx, new_k.to(kmax.dtype), reduce="amax")
+    kmin.scatter_reduce_(2, idx, new_k.to(kmin.dtype), reduce="amin")

@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, vocab=101, seed=0, model_type="llama", **extra):
+    """A random-weight causal LM from a config: exercises shapes and code paths, not accuracy."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(model_type, hidden_size=heads * head_dim, intermediate_size=64,
+                               num_hidden_layers=layers, num_attention_heads=heads,
+                               num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
+                               max_position_embeddings=4096, pad_token_id=0, **extra)
+    cfg._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct (float32, CPU), loaded once per session."""
+    from lserve_hf import load_embedded_model
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return load_embedded_model()
+
+
+@pytest.fixture
+def shared_dir():
+    if not SHARED.is_dir():
+        pytest.skip("../shared is absent")
+    return SHARED

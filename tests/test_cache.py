@@ -1,0 +1,97 @@
+"""LServeCache bookkeeping on a tiny random model, checked against the keys the layers produced."""
+
+import copy
+
+import torch
+
+from conftest import tiny_llama
+from lserve_hf import LServeCache, LServeConfig, patch_model
+from lserve_hf import reference
+from lserve_hf.cache import LServeLayer
+
+CFG = LServeConfig(streaming_sparsity=0.5, page_size=16, logical_page_size=4, token_budget=32,
+                   prefill_sink=4, prefill_local=8, decode_sink=4, decode_local=8, selector_interval=2)
+PATTERN = torch.tensor([[0.9, 0.1], [0.2, 0.8]])   # one streaming head in each layer
+
+
+def record_keys(cache):
+    """Wrap each layer's update to keep every key it was given: the ground truth of the stores."""
+    seen = [[] for _ in cache.layers]
+    for i, layer in enumerate(cache.layers):
+        orig = layer.update
+        def update(k, v, *a, _orig=orig, _i=i, **kw):
+            seen[_i].append(k.detach().clone())
+            return _orig(k, v, *a, **kw)
+        layer.update = update
+    return seen
+
+
+def run(model, ids, prefill, steps, cache):
+    with torch.no_grad():
+        model(ids[:, :prefill], past_key_values=cache)
+        for t in range(prefill, prefill + steps):
+            model(ids[:, t:t + 1], past_key_values=cache)
+
+
+def test_stores_and_summaries_match_keys_after_page_crossing_appends():
+    model = patch_model(tiny_llama(), CFG, PATTERN)
+    ids = torch.randint(1, 100, (2, 60), generator=torch.Generator().manual_seed(0))
+    cache = LServeCache(model)
+    seen = record_keys(cache)
+    run(model, ids, prefill=21, steps=39, cache=cache)   # 21 -> 60 tokens: crosses 3 page boundaries
+    for layer, keys in zip(cache.layers, seen):
+        keys = torch.cat(keys, dim=2)                        # [B, Hkv, 60, D]
+        L = keys.shape[2]
+        assert layer.get_seq_length() == L and layer.lengths.tolist() == [L, L]
+        st, rt = layer.plan.stream_heads, layer.plan.retrieval_heads
+        assert torch.equal(layer.pool_k[:, :, :L], keys[:, rt])
+        kmax, kmin = reference.page_summaries(layer.pool_k, layer.lengths, CFG.logical_page_size)
+        assert torch.equal(layer.kmax, kmax) and torch.equal(layer.kmin, kmin)
+        assert torch.equal(layer.sink_k, keys[:, st, :CFG.decode_sink])
+        for slot in range(CFG.decode_local):
+            t = L - 1 - ((L - 1 - slot) % CFG.decode_local)
+            assert torch.equal(layer.ring_k[:, :, slot], keys[:, st, t])
+
+
+def test_streaming_memory_is_constant_and_retrieval_grows_by_pages():
+    model = patch_model(tiny_llama(), CFG, PATTERN)
+    ids = torch.randint(1, 100, (1, 230), generator=torch.Generator().manual_seed(1))
+    cache = LServeCache(model)
+    streaming_bytes, pool_bytes = set(), []
+    with torch.no_grad():
+        model(ids[:, :30], past_key_values=cache)
+        for t in range(30, 230):
+            model(ids[:, t:t + 1], past_key_values=cache)
+            streaming_bytes.add(sum(x.numel() * x.element_size() for l in cache.layers
+                                    for x in (l.sink_k, l.sink_v, l.ring_k, l.ring_v)))
+            pool_bytes.append(sum(l.pool_k.shape[2] for l in cache.layers))
+    assert len(streaming_bytes) == 1
+    assert all(n % CFG.page_size == 0 for n in pool_bytes)
+    assert pool_bytes[-1] >= 2 * 230 and len(set(pool_bytes)) < 20    # grew in page-sized steps
+    layer = cache.layers[0]
+    dense_bytes = 2 * 230 * 2 * 16 * 4                                 # what a dense layer holds
+    assert layer.kv_bytes() > 0 and cache.kv_bytes() == sum(l.kv_bytes() for l in cache.layers)
+    assert layer.sink_k.shape[2] + layer.ring_k.shape[2] == CFG.decode_sink + CFG.decode_local
+    assert dense_bytes > 0
+
+
+def test_reorder_and_select_rows():
+    model = patch_model(tiny_llama(), CFG, PATTERN)
+    ids = torch.randint(1, 100, (3, 40), generator=torch.Generator().manual_seed(2))
+    cache = LServeCache(model)
+    run(model, ids, prefill=33, steps=3, cache=cache)
+    before = copy.deepcopy(cache)
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    for a, b in zip(cache.layers, before.layers):
+        assert torch.equal(a.pool_k[0], b.pool_k[2]) and torch.equal(a.ring_v[1], b.ring_v[0])
+        assert torch.equal(a.pages[0], b.pages[2])
+
+
+def test_crop_says_why_it_cannot():
+    layer = LServeLayer(None, CFG)
+    try:
+        layer.crop(-1)
+    except NotImplementedError as e:
+        assert "streaming" in str(e)
+    else:
+        raise AssertionError("crop must refuse")

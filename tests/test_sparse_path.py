@@ -1,0 +1,74 @@
+"""The decode step really runs sparse: it reads only the pages its selection names."""
+
+import copy
+
+import torch
+
+from conftest import tiny_llama
+from lserve_hf import LServeCache, LServeConfig, patch_model
+
+CFG = LServeConfig(streaming_sparsity=0.0, page_size=16, logical_page_size=4, token_budget=48,
+                   selector_interval=8)
+
+
+def poison_unselected(cache, keep_selected=True):
+    """NaN every page of every retrieval pool that the next step will not read (or, with
+    keep_selected=False, one page it will read)."""
+    for layer in cache.layers:
+        B, Hr, T, D = layer.pool_k.shape
+        n_pages = T // CFG.page_size
+        last = (layer.lengths - 1) // CFG.page_size
+        # the next token lands in the newest page or opens the next one
+        read = torch.zeros(B, Hr, n_pages, dtype=torch.bool)
+        read.scatter_(2, layer.pages.flatten(2).clamp(max=n_pages - 1), True)
+        read[torch.arange(B), :, last] = True
+        read[torch.arange(B), :, (layer.lengths // CFG.page_size).clamp(max=n_pages - 1)] = True
+        if not keep_selected:
+            read = ~read
+            read[:, :, 0] = True   # poison only page 0, which was selected
+            read = ~read
+        mask = (~read).repeat_interleave(CFG.page_size, dim=2).unsqueeze(-1)
+        layer.pool_k.masked_fill_(mask, float("nan"))
+        layer.pool_v.masked_fill_(mask, float("nan"))
+
+
+def test_decode_reads_only_selected_pages():
+    model = patch_model(tiny_llama(), CFG, None)
+    ids = torch.randint(1, 100, (2, 200), generator=torch.Generator().manual_seed(0))
+    cache = LServeCache(model)
+    with torch.no_grad():
+        model(ids[:, :190], past_key_values=cache)
+        model(ids[:, 190:191], past_key_values=cache)        # first decode step: selection made
+        sel = cache.layers[0].pages
+        assert sel.shape[-1] == CFG.pages_per_selection == 3
+        clean = copy.deepcopy(cache)
+        poison_unselected(cache)
+        for t in range(191, 195):                             # selection reused for these steps
+            got = model(ids[:, t:t + 1], past_key_values=cache).logits
+            want = model(ids[:, t:t + 1], past_key_values=clean).logits
+            assert torch.isfinite(got).all()
+            assert torch.equal(got, want)
+
+
+def test_poisoning_a_selected_page_does_show():
+    """The check above can fail: a NaN in a page that is read reaches the output."""
+    model = patch_model(tiny_llama(), CFG, None)
+    ids = torch.randint(1, 100, (1, 200), generator=torch.Generator().manual_seed(0))
+    cache = LServeCache(model)
+    with torch.no_grad():
+        model(ids[:, :190], past_key_values=cache)
+        model(ids[:, 190:191], past_key_values=cache)
+        layer = cache.layers[0]
+        p = int(layer.pages[0, 0, 0, 1])                      # a selected page other than the last
+        layer.pool_k[0, 0, p * 16] = float("nan")
+        assert not torch.isfinite(model(ids[:, 191:192], past_key_values=cache).logits).all()
+
+
+def test_within_budget_is_dense():
+    model = tiny_llama()
+    ids = torch.randint(1, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False)
+        patch_model(model, CFG)                              # 40 + 6 tokens <= budget 48
+        got = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
