@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 from .streaming import ring_tokens
@@ -63,11 +64,40 @@ def _prefill(query, key, value, attention_mask, plan, cfg, scale, sliding_window
     kv_start = None
     if attention_mask is not None and attention_mask.dim() == 2:
         kv_start = (~attention_mask[:, -key.shape[2]:].bool()).sum(1)
-    streaming = plan.streaming.to(query.device)
-    q_offset = key.shape[2] - query.shape[2]
-    return reference.prefill_attention(query, key, value, streaming, cfg.prefill_sink, cfg.prefill_local,
-                                       q_offset=q_offset, kv_start=kv_start, scale=scale,
-                                       sliding_window=sliding_window, query_block=cfg.prefill_query_block)
+    return sdpa_prefill(query, key, value, plan, cfg.prefill_sink, cfg.prefill_local,
+                        key.shape[2] - query.shape[2], kv_start, scale, sliding_window,
+                        cfg.prefill_query_block)
+
+
+def sdpa_prefill(q, k, v, plan, sink, local, q_offset, kv_start, scale, sliding_window, query_block):
+    """``reference.prefill_attention`` through fused SDPA: one call for the retrieval heads and one
+    for the streaming heads, since each kind shares one mask. Queries that see no key (padding)
+    get zeros, as in the reference."""
+    B, Hq, S, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    out = torch.empty(B, Hkv, G, S, D, dtype=q.dtype, device=q.device)
+    qg = q.view(B, Hkv, G, S, D)
+    for streams, heads in ((False, plan.retrieval_heads), (True, plan.stream_heads)):
+        if not heads.numel():
+            continue
+        heads = heads.to(q.device)
+        qh = qg.index_select(1, heads).flatten(1, 2)
+        kh, vh = k.index_select(1, heads), v.index_select(1, heads)
+        plain_causal = not streams and kv_start is None and sliding_window is None and q_offset == 0
+        for s0 in range(0, S, S if plain_causal else query_block):
+            s1 = min(S, s0 + query_block) if not plain_causal else S
+            if plain_causal:
+                o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+            else:
+                mask = reference.prefill_mask(s1 - s0, N, torch.tensor([streams], device=q.device), sink, local,
+                                              q_offset + s0, kv_start, sliding_window, device=q.device)
+                seen = mask.any(-1, keepdim=True)
+                o = F.scaled_dot_product_attention(qh[:, :, s0:s1], kh, vh, attn_mask=mask | ~seen,
+                                                   scale=scale, enable_gqa=True)
+                o = torch.where(seen, o, 0.0)
+            out[:, heads, :, s0:s1] = o.view(B, heads.numel(), G, s1 - s0, D)
+    return out.view(B, Hq, S, D)
 
 
 def _decode(query, layer, plan, cfg, scale):

@@ -116,3 +116,27 @@ def test_paged_decode_reads_only_listed_pages():
     seen = list(range(20, 22)) + list(range(4, 8))
     s = q[0, 0, 0] @ pool_k[0, 0, seen].T * 0.25
     assert torch.allclose(out[0, 0, 0], torch.softmax(s, -1) @ pool_v[0, 0, seen], atol=1e-12)
+
+
+@pytest.mark.parametrize("G, streaming, kv_start, q_offset, window", [
+    (1, [True, False], None, 0, None),
+    (4, [False, False], None, 0, None),
+    (4, [True, True], [0, 5], 0, None),
+    (2, [True, False], [2, 0], 6, 7),
+])
+def test_sdpa_prefill_equals_reference(G, streaming, kv_start, q_offset, window):
+    from lserve_hf.attention import sdpa_prefill
+    from lserve_hf.cache import LayerPlan
+
+    g = torch.Generator().manual_seed(G)
+    B, Hkv, N, D = 2, 2, 29, 16
+    S = N - q_offset
+    q = torch.randn(B, Hkv * G, S, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64)
+    plan = LayerPlan(0, torch.tensor(streaming), False)
+    ks = torch.tensor(kv_start) if kv_start else None
+    got = sdpa_prefill(q, k, v, plan, 3, 5, q_offset, ks, 0.2, window, query_block=8)
+    want = reference.prefill_attention(q, k, v, plan.streaming, 3, 5, q_offset=q_offset, kv_start=ks,
+                                       scale=0.2, sliding_window=window)
+    assert torch.allclose(got, want, atol=1e-10)
