@@ -1,3 +1,23 @@
-"""Triton kernels of LServe unified sparse attention (lserve_hf.kernels)."""
+"""Triton kernels of LServe unified sparse attention.
 
-TRITON_AVAILABLE = False
+One file per kernel, each checked against its torch reference in ``lserve_hf.reference`` by
+``tests/test_kernels.py``. Importing this package never fails: without Triton,
+``TRITON_AVAILABLE`` is False and the names below are None (use the torch reference instead).
+"""
+
+try:
+    import triton  # noqa: F401
+
+    from .block_sparse_prefill import block_sparse_prefill
+    from .page_selector import select_pages
+    from .page_summary import build_page_summaries, update_page_summaries
+    from .sparse_decode import sparse_paged_decode
+
+    TRITON_AVAILABLE = True
+except ImportError:  # triton missing (or too old to provide what the kernels use)
+    block_sparse_prefill = select_pages = build_page_summaries = None
+    update_page_summaries = sparse_paged_decode = None
+    TRITON_AVAILABLE = False
+
+__all__ = ["TRITON_AVAILABLE", "block_sparse_prefill", "build_page_summaries",
+           "update_page_summaries", "select_pages", "sparse_paged_decode"]

@@ -54,9 +54,9 @@ def lserve_attention_forward(module, query, key, value, attention_mask, scaling=
                       "patched model create its cache, or pass LServeCache(model).")
         out = _prefill(query, key, value, attention_mask, plan, cfg, scale, sliding_window)
     elif query.shape[2] == 1:
-        out = _decode(query, lserve_layer, plan, cfg, scale)
+        out = _decode(query, lserve_layer, plan, cfg, scale, sliding_window)
     else:
-        out = _extend(query, lserve_layer, cfg, scale, key, value)
+        out = _extend(query, lserve_layer, cfg, scale, key, value, sliding_window)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -100,7 +100,7 @@ def sdpa_prefill(q, k, v, plan, sink, local, q_offset, kv_start, scale, sliding_
     return out.view(B, Hq, S, D)
 
 
-def _decode(query, layer, plan, cfg, scale):
+def _decode(query, layer, plan, cfg, scale, window=None):
     B, Hq, _, D = query.shape
     Hkv = plan.streaming.numel()
     G = Hq // Hkv
@@ -110,11 +110,11 @@ def _decode(query, layer, plan, cfg, scale):
     if st.numel():
         out[:, st] = reference.streaming_decode(q[:, st], layer.sink_k, layer.sink_v, layer.ring_k,
                                                 layer.ring_v, layer.lengths, cfg.decode_sink,
-                                                cfg.decode_local, scale)
+                                                cfg.decode_local, scale, window)
     if rt.numel():
         out[:, rt] = reference.paged_decode(q[:, rt], layer.pool_k, layer.pool_v,
                                             decode_pages(q[:, rt], layer, plan, cfg),
-                                            layer.lengths, cfg.page_size, scale)
+                                            layer.lengths, cfg.page_size, scale, window)
     layer.decode_steps += 1
     return out.view(B, Hq, 1, D)
 
@@ -134,7 +134,7 @@ def decode_pages(q, layer, plan, cfg) -> torch.Tensor:
     return torch.cat([layer.pages, torch.where(dup, -1, last)], dim=-1)
 
 
-def _extend(query, layer, cfg, scale, new_k, new_v):
+def _extend(query, layer, cfg, scale, new_k, new_v, window=None):
     plan = layer.plan
     B, Hq, S, D = query.shape
     Hkv = plan.streaming.numel()
@@ -149,7 +149,7 @@ def _extend(query, layer, cfg, scale, new_k, new_v):
         k_pos = torch.arange(T, device=q.device).view(1, T).expand(B, T)
         k_pos = torch.where(k_pos < layer.lengths.view(B, 1), k_pos, -1)
         out[:, rt] = reference.positional_attention(q[:, rt], layer.pool_k[:, :, :T], layer.pool_v[:, :, :T],
-                                                    q_pos, k_pos, scale=scale)
+                                                    q_pos, k_pos, scale=scale, window=window)
     if st.numel():
         sink, local = cfg.decode_sink, cfg.decode_local
         ring_k, ring_v = layer.ring_before
@@ -160,5 +160,5 @@ def _extend(query, layer, cfg, scale, new_k, new_v):
         k = torch.cat([layer.sink_k, ring_k, new_k[:, st]], dim=2)
         v = torch.cat([layer.sink_v, ring_v, new_v[:, st]], dim=2)
         k_pos = torch.cat([sink_pos, ring_pos, q_pos], dim=1)
-        out[:, st] = reference.positional_attention(q[:, st], k, v, q_pos, k_pos, sink, local, scale)
+        out[:, st] = reference.positional_attention(q[:, st], k, v, q_pos, k_pos, sink, local, scale, window)
     return out.view(B, Hq, S, D)

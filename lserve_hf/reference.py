@@ -123,12 +123,13 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select)
     return order[..., :n_select]
 
 
-def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale) -> torch.Tensor:
+def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=None) -> torch.Tensor:
     """Attention of one query per head over selected pages only.
 
     q ``[B, Hkv, G, D]``; pools ``[B, Hkv, T, D]``; pages int ``[B, Hkv, G, K]`` (-1 or an index
     past the row's pages means an empty slot). Reads only the gathered pages. Returns
-    ``[B, Hkv, G, D]`` in q's dtype."""
+    ``[B, Hkv, G, D]`` in q's dtype. ``window`` (Mistral's sliding window) hides tokens older than
+    the newest ``window``."""
     acc = _acc_dtype(q)
     B, Hkv, T, D = pool_k.shape
     P = T // page_size
@@ -142,6 +143,8 @@ def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale) -> torch.T
     vsel = torch.gather(vp, 2, gidx).view(*pages.shape, page_size, D)
     tok = idx.unsqueeze(-1) * page_size + torch.arange(page_size, device=q.device)
     valid = slot_ok.unsqueeze(-1) & (tok < lengths.view(B, 1, 1, 1, 1))   # [B, Hkv, G, K, page]
+    if window is not None:
+        valid = valid & (tok >= lengths.view(B, 1, 1, 1, 1) - window)
     scores = torch.einsum("bhgd,bhgkpd->bhgkp", q.to(acc), ksel.to(acc)) * scale
     probs = _masked_softmax(scores.flatten(3), valid.flatten(3))
     # Unselected slots may hold anything (even NaN); zero their values so 0 * NaN cannot leak.
@@ -149,7 +152,7 @@ def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale) -> torch.T
     return torch.einsum("bhgn,bhgnd->bhgd", probs, vsel).to(q.dtype)
 
 
-def streaming_decode(q, sink_k, sink_v, ring_k, ring_v, lengths, sink, local, scale) -> torch.Tensor:
+def streaming_decode(q, sink_k, sink_v, ring_k, ring_v, lengths, sink, local, scale, window=None) -> torch.Tensor:
     """Attention of one query per streaming head over its sink buffer and ring buffer.
 
     q ``[B, Hkv, G, D]``; sink buffers ``[B, Hkv, sink, D]``; ring buffers ``[B, Hkv, local, D]``;
@@ -158,14 +161,14 @@ def streaming_decode(q, sink_k, sink_v, ring_k, ring_v, lengths, sink, local, sc
     B = q.shape[0]
     keys = torch.cat([sink_k, ring_k], dim=2).to(acc)
     vals = torch.cat([sink_v, ring_v], dim=2).to(acc)
-    valid = streaming_decode_slots(lengths, sink, local).view(B, 1, 1, -1)
+    valid = streaming_decode_slots(lengths, sink, local, window).view(B, 1, 1, -1)
     scores = torch.einsum("bhgd,bhnd->bhgn", q.to(acc), keys) * scale
     probs = _masked_softmax(scores, valid.expand_as(scores))
     vals = torch.where(valid.view(B, 1, -1, 1), vals, 0.0)
     return torch.einsum("bhgn,bhnd->bhgd", probs, vals).to(q.dtype)
 
 
-def positional_attention(q, k, v, q_pos, k_pos, sink=None, local=None, scale=None) -> torch.Tensor:
+def positional_attention(q, k, v, q_pos, k_pos, sink=None, local=None, scale=None, window=None) -> torch.Tensor:
     """Masked attention with explicit token positions, for chunks appended to a cache.
 
     q ``[B, Hkv, G, S, D]``; k, v ``[B, Hkv, N, D]``; q_pos ``[B, S]``; k_pos ``[B, N]`` (negative:
@@ -178,6 +181,8 @@ def positional_attention(q, k, v, q_pos, k_pos, sink=None, local=None, scale=Non
     mask = (kp >= 0) & (kp <= qp)
     if sink is not None:
         mask = mask & ((kp < sink) | (qp - kp < local))
+    if window is not None:
+        mask = mask & (qp - kp < window)
     scores = torch.matmul(q.to(acc), k.to(acc).unsqueeze(2).transpose(-1, -2)) * scale
     probs = _masked_softmax(scores, mask.expand_as(scores))
     vals = torch.where((k_pos >= 0).view(B, 1, -1, 1), v.to(acc), 0.0).unsqueeze(2)

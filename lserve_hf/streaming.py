@@ -17,13 +17,19 @@ def ring_tokens(lengths: torch.Tensor, local: int) -> torch.Tensor:
     return last - torch.remainder(last - j, local)
 
 
-def streaming_decode_slots(lengths: torch.Tensor, sink: int, local: int) -> torch.Tensor:
+def streaming_decode_slots(lengths: torch.Tensor, sink: int, local: int, window: int | None = None) -> torch.Tensor:
     """Bool ``[B, sink + local]``: which sink/ring slots a streaming head attends to.
 
-    A ring slot whose token also sits in the sink buffer is skipped, so no key counts twice."""
-    s = torch.arange(sink, device=lengths.device).view(1, sink) < lengths.view(-1, 1)
+    A ring slot whose token also sits in the sink buffer is skipped, so no key counts twice.
+    ``window`` (Mistral's sliding window) further hides tokens older than the newest ``window``."""
+    s_tok = torch.arange(sink, device=lengths.device).view(1, sink)
+    s = s_tok < lengths.view(-1, 1)
     r = ring_tokens(lengths, local)
-    return torch.cat([s, r >= sink], dim=1) if sink else (r >= 0)
+    r_ok = (r >= sink) & (r >= 0)
+    if window is not None:
+        oldest = lengths.view(-1, 1) - window
+        s, r_ok = s & (s_tok >= oldest), r_ok & (r >= oldest)
+    return torch.cat([s, r_ok], dim=1)
 
 
 def fill_sink_and_ring(keys: torch.Tensor, lengths: torch.Tensor, sink: int, local: int):

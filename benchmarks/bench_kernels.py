@@ -1,0 +1,434 @@
+"""Kernel benchmark on Llama-3-8B attention shapes (32 query heads, 8 KV heads, D=128, bf16, B=1).
+
+Prefill (8K / 32K / 128K; 0% streaming, and 50% streaming with sink 128 and local 1024 or 8192):
+the block-sparse Triton kernel against ``F.scaled_dot_product_attention(is_causal=True,
+enable_gqa=True)`` (dense: what the model would run without LServe) and against compiled
+``flex_attention`` given the identical block mask (same mask_mod semantics, enable_gqa=True).
+
+Decode, per layer (32K / 128K / 512K context; token budget 4096, page 64, logical page 16): page
+selection is amortised over a selector interval of 4, so a layer costs ``select / 4 + decode``;
+against SDPA dense decode over the whole cache. Inputs rotate over several layers' worth of
+tensors, so that the L2 cache does not hold one layer's pages from call to call. Decode is timed
+eagerly and from a CUDA graph (how a serving loop runs it: no launch overhead).
+
+Times are ``triton.testing.do_bench`` medians (ms). The run also checks the kernels against SDPA /
+flex at a real shape and prints the errors. ``--out FILE`` writes every figure as JSON.
+
+    python -m lserve_hf.benchmarks.bench_kernels --out bench.json      (or: lserve-hf bench kernels)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+HQ, HKV, D = 32, 8, 128
+G = HQ // HKV
+DTYPE = torch.bfloat16
+PREFILL_SINK = 128
+DECODE_SINK, DECODE_LOCAL = 128, 256
+PAGE, LOGICAL, BUDGET, INTERVAL = 64, 16, 4096, 4
+DEVICE = "cuda"
+ROTATE = 4  # decode input sets cycled through (distinct "layers")
+SWEEP_PREFILL, SWEEP_DECODE, SWEEP_SELECT = 32768, 131072, 524288  # context lengths of --sweep
+
+
+def _kernels():
+    from lserve_hf.kernels import (block_sparse_prefill, build_page_summaries, select_pages,
+                                   sparse_paged_decode, update_page_summaries)
+    return block_sparse_prefill, build_page_summaries, select_pages, sparse_paged_decode, \
+        update_page_summaries
+
+
+def _kernel_modules():
+    """The kernel modules themselves (the package re-exports functions of the same names)."""
+    from importlib import import_module
+    return tuple(import_module("lserve_hf.kernels." + m)
+                 for m in ("block_sparse_prefill", "page_selector", "sparse_decode"))
+
+
+def _bench(fn, rep=100):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def _graph_time(fn, n_inner):
+    """Median ms of one of the n_inner calls that ``fn`` makes, replayed from a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return _bench(g.replay) / n_inner
+
+
+def _rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item(), (a - b).abs().max().item()
+
+
+def _streaming_mask(frac):
+    n = round(HKV * frac)
+    # alternate kinds across KV heads (what the calibrated patterns look like), n streaming
+    s = torch.zeros(HKV, dtype=torch.bool)
+    s[torch.linspace(0, HKV - 1, n).round().long()] = True if n else False
+    return s
+
+
+def _flex_parts(device):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def block_mask(n, streaming, sink, local):
+        st = streaming.to(device)
+        sk = torch.tensor(sink, device=device)
+        lo = torch.tensor(local, device=device)
+
+        def mask_mod(b, h, q_idx, kv_idx):  # the semantics of reference.prefill_mask, kv_start 0
+            causal = kv_idx <= q_idx
+            window = (kv_idx < sk) | (q_idx - kv_idx < lo)
+            return causal & (~st[h // G] | window)
+
+        return create_block_mask(mask_mod, 1, HQ, n, n, device=device, _compile=True)
+
+    return flex, block_mask
+
+
+def bench_prefill(lengths, locals_, rows, checks, device, config=None, with_flex=True):
+    block_sparse_prefill = _kernels()[0]
+    flex, make_mask = _flex_parts(device) if with_flex else (None, None)
+    for n in lengths:
+        torch.manual_seed(0)
+        q = torch.randn(1, HQ, n, D, device=device, dtype=DTYPE)
+        k = torch.randn(1, HKV, n, D, device=device, dtype=DTYPE)
+        v = torch.randn(1, HKV, n, D, device=device, dtype=DTYPE)
+        out = torch.empty_like(q)
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+        t_sdpa = _bench(sdpa)
+        cases = [(0.0, 0)] + [(0.5, loc) for loc in locals_]
+        for frac, local in cases:
+            streaming = _streaming_mask(frac).to(device)
+            loc = local if frac else 1
+            tri = lambda: block_sparse_prefill(q, k, v, streaming, PREFILL_SINK, loc, out=out,  # noqa: E731
+                                               config=config)
+            t_tri = _bench(tri)
+            t_flex = None
+            if with_flex:
+                bm = make_mask(n, streaming, PREFILL_SINK, loc)
+                fx = lambda: flex(q, k, v, block_mask=bm, enable_gqa=True)  # noqa: E731
+                t_flex = _bench(fx)
+                if n == lengths[0]:
+                    tri()
+                    e_rel, e_abs = _rel(out, fx())
+                    checks.append({"what": f"prefill {n} streaming {frac:.0%} local {local}: triton vs flex",
+                                   "rel_norm_err": e_rel, "max_abs_err": e_abs})
+                del bm
+            if frac == 0 and n == lengths[0]:
+                tri()
+                e_rel, e_abs = _rel(out, sdpa())
+                checks.append({"what": f"prefill {n} dense: triton vs SDPA", "rel_norm_err": e_rel,
+                               "max_abs_err": e_abs})
+            causal_flops = 4 * HQ * D * n * (n + 1) / 2
+            rows.append({"kind": "prefill", "tokens": n, "streaming": frac, "local": local,
+                         "triton_ms": t_tri, "sdpa_ms": t_sdpa, "flex_ms": t_flex,
+                         "speedup_vs_sdpa": t_sdpa / t_tri,
+                         "speedup_vs_flex": (t_flex / t_tri) if t_flex else None,
+                         "sdpa_tflops": causal_flops / t_sdpa * 1e-9,
+                         "triton_dense_equiv_tflops": causal_flops / t_tri * 1e-9})
+            print(_fmt_row(rows[-1]), flush=True)
+        del q, k, v, out
+        torch.cuda.empty_cache()
+
+
+def _decode_sets(n, frac, device, n_select):
+    """ROTATE independent layers of decode inputs for a context of n tokens."""
+    _, build, _, _, _ = _kernels()
+    streaming = _streaming_mask(frac)
+    hs = int(streaming.sum())
+    hr = HKV - hs
+    T = -(-n // PAGE) * PAGE
+    sets = []
+    for _ in range(ROTATE):
+        k = torch.randn(1, HKV, T, D, device=device, dtype=DTYPE)
+        v = torch.randn(1, HKV, T, D, device=device, dtype=DTYPE)
+        q = torch.randn(1, HKV, G, D, device=device, dtype=DTYPE)
+        lengths = torch.full((1,), n, device=device, dtype=torch.int32)
+        pool_k, pool_v = k[:, hs:], v[:, hs:]          # retrieval heads: the full cache
+        kmax, kmin = build(pool_k, lengths, LOGICAL)
+        sets.append(dict(
+            k=k, v=v, q_full=q.reshape(1, HQ, 1, D), lengths=lengths,
+            q_stream=q[:, :hs].contiguous(), q_retr=q[:, hs:].contiguous(),
+            sink_k=torch.randn(1, hs, DECODE_SINK, D, device=device, dtype=DTYPE),
+            sink_v=torch.randn(1, hs, DECODE_SINK, D, device=device, dtype=DTYPE),
+            ring_k=torch.randn(1, hs, DECODE_LOCAL, D, device=device, dtype=DTYPE),
+            ring_v=torch.randn(1, hs, DECODE_LOCAL, D, device=device, dtype=DTYPE),
+            pool_k=pool_k, pool_v=pool_v, kmax=kmax, kmin=kmin,
+            pages=torch.zeros(1, hr, G, n_select, device=device, dtype=torch.int64),
+            out_s=torch.empty(1, hs, G, D, device=device, dtype=DTYPE),
+            out_r=torch.empty(1, hr, G, D, device=device, dtype=DTYPE),
+            new_k=torch.randn(1, hr, D, device=device, dtype=DTYPE),
+            pos=torch.full((1,), n - 1, device=device, dtype=torch.int64)))
+    return sets
+
+
+def bench_decode(lengths, fracs, rows, checks, device, decode_kw=None):
+    _, _, select_pages, decode, update = _kernels()
+    decode_kw = decode_kw or {}
+    n_select = BUDGET // PAGE
+    scale = D ** -0.5
+    for n in lengths:
+        for frac in fracs:
+            torch.manual_seed(1)
+            sets = _decode_sets(n, frac, device, n_select)
+            it = {"i": 0}
+
+            def nxt():
+                it["i"] = (it["i"] + 1) % ROTATE
+                return sets[it["i"]]
+
+            def sel(s=None):
+                s = s or nxt()
+                return select_pages(s["q_retr"], s["kmax"], s["kmin"], s["lengths"], PAGE, LOGICAL,
+                                    n_select)
+
+            def dec(s=None):
+                s = s or nxt()
+                decode(s["q_stream"], s["sink_k"], s["sink_v"], s["ring_k"], s["ring_v"], s["q_retr"],
+                       s["pool_k"], s["pool_v"], s["pages"], s["lengths"], DECODE_SINK, DECODE_LOCAL,
+                       PAGE, scale, out_stream=s["out_s"], out_retr=s["out_r"], **decode_kw)
+
+            def upd(s=None):
+                s = s or nxt()
+                update(s["kmax"], s["kmin"], s["new_k"], s["pos"], LOGICAL)
+
+            def sdpa(s=None):
+                s = s or nxt()
+                F.scaled_dot_product_attention(s["q_full"], s["k"], s["v"], enable_gqa=True)
+
+            for s in sets:
+                s["pages"] = sel(s)
+            torch.cuda.synchronize()
+            t = {name: _bench(fn) for name, fn in (("select", sel), ("decode", dec), ("update", upd),
+                                                   ("sdpa", sdpa))}
+            g = {}
+            for name, fn in (("select", sel), ("decode", dec), ("update", upd), ("sdpa", sdpa)):
+                g[name] = _graph_time(lambda fn=fn: [fn(s) for s in sets], ROTATE)
+            row = {"kind": "decode", "tokens": n, "streaming": frac, "budget": BUDGET,
+                   "eager": {k_: v_ * 1e3 for k_, v_ in t.items()},
+                   "graph": {k_: v_ * 1e3 for k_, v_ in g.items()}}
+            for mode in ("eager", "graph"):
+                x = row[mode]
+                x["layer"] = x["select"] / INTERVAL + x["decode"]
+                x["layer_with_update"] = x["layer"] + x["update"]
+                x["speedup_vs_sdpa"] = x["sdpa"] / x["layer"]
+            rows.append(row)
+            print(_fmt_row(row), flush=True)
+            if n == lengths[0]:
+                _check_decode(sets[0], frac, checks, decode, select_pages, scale)
+            del sets
+            torch.cuda.empty_cache()
+
+
+def _check_decode(s, frac, checks, decode, select_pages, scale):
+    """Every page selected (budget >= context): retrieval heads must equal dense SDPA decode."""
+    from lserve_hf import reference as R
+
+    hs = s["q_stream"].shape[1]
+    P = s["pool_k"].shape[2] // PAGE
+    pages = select_pages(s["q_retr"], s["kmax"], s["kmin"], s["lengths"], PAGE, LOGICAL, P)
+    out_s, out_r = decode(s["q_stream"], s["sink_k"], s["sink_v"], s["ring_k"], s["ring_v"], s["q_retr"],
+                          s["pool_k"], s["pool_v"], pages, s["lengths"], DECODE_SINK, DECODE_LOCAL,
+                          PAGE, scale)
+    n = int(s["lengths"][0])
+    dense = F.scaled_dot_product_attention(s["q_retr"].reshape(1, -1, 1, D), s["pool_k"][:, :, :n],
+                                           s["pool_v"][:, :, :n],
+                                           enable_gqa=True, scale=scale).reshape(out_r.shape)
+    e_rel, e_abs = _rel(out_r, dense)
+    checks.append({"what": f"decode {n} streaming {frac:.0%}: all pages selected vs SDPA",
+                   "rel_norm_err": e_rel, "max_abs_err": e_abs})
+    if hs:
+        ref = R.streaming_decode(s["q_stream"], s["sink_k"], s["sink_v"], s["ring_k"], s["ring_v"],
+                                 s["lengths"], DECODE_SINK, DECODE_LOCAL, scale)
+        e_rel, e_abs = _rel(out_s, ref)
+        checks.append({"what": "decode streaming heads vs reference.streaming_decode",
+                       "rel_norm_err": e_rel, "max_abs_err": e_abs})
+    sel = select_pages(s["q_retr"], s["kmax"], s["kmin"], s["lengths"], PAGE, LOGICAL, BUDGET // PAGE)
+    ref = R.select_pages(s["q_retr"], s["kmax"], s["kmin"], s["lengths"], PAGE, LOGICAL, BUDGET // PAGE)
+    checks.append({"what": "select_pages vs reference (bf16, real shape): equal", "equal": bool(torch.equal(sel, ref)),
+                   "same_sets": bool(torch.equal(sel.sort(-1).values, ref.sort(-1).values))})
+
+
+def _fmt_row(r):
+    if r["kind"] == "prefill":
+        flex = f"{r['flex_ms']:9.2f}" if r["flex_ms"] else "        -"
+        sx = f"{r['speedup_vs_flex']:5.2f}x" if r["speedup_vs_flex"] else "     -"
+        return (f"prefill {r['tokens']:>7} stream {r['streaming']:>4.0%} local {r['local']:>5} | "
+                f"triton {r['triton_ms']:9.2f} ms  sdpa {r['sdpa_ms']:9.2f}  flex {flex} | "
+                f"vs sdpa {r['speedup_vs_sdpa']:5.2f}x  vs flex {sx}")
+    e, g = r["eager"], r["graph"]
+    return (f"decode  {r['tokens']:>7} stream {r['streaming']:>4.0%} | graph: select {g['select']:6.1f} us "
+            f"decode {g['decode']:6.1f} update {g['update']:5.1f} layer {g['layer']:6.1f} sdpa {g['sdpa']:7.1f} "
+            f"({g['speedup_vs_sdpa']:5.1f}x) | eager: layer {e['layer']:6.1f} sdpa {e['sdpa']:7.1f}")
+
+
+def sweep(device):
+    """Launch-parameter sweep on this GPU: prefill block sizes (32K, dense + 50% local 1024), the
+    decode plan (128K, 50% streaming) and the selection plan (512K, 50%). Returns the timings and
+    the fastest setting of each; ``--tune`` applies those before benchmarking."""
+    bsp, sel_mod, dec_mod = _kernel_modules()  # noqa: F841
+
+    out = {"prefill": [], "decode": [], "select": []}
+    best = {}
+    for cfg in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 2)]:
+        rows = []
+        try:
+            bench_prefill([SWEEP_PREFILL], [1024], rows, [], device, config=cfg, with_flex=False)
+        except Exception as exc:  # noqa: BLE001 - a config may not fit shared memory
+            print("  prefill config", cfg, "failed:", type(exc).__name__, str(exc)[:160], flush=True)
+            continue
+        total = sum(r["triton_ms"] for r in rows)
+        out["prefill"].append({"config": cfg, "dense_ms": rows[0]["triton_ms"],
+                               "stream50_ms": rows[1]["triton_ms"], "sdpa_ms": rows[0]["sdpa_ms"]})
+        print(f"  ^ prefill config {cfg}: dense + 50% = {total:.2f} ms", flush=True)
+        if "prefill" not in best or total < best["prefill"][1]:
+            best["prefill"] = (cfg, total)
+
+    _, _, select_pages, decode, _ = _kernels()
+    n_select = BUDGET // PAGE
+    scale = D ** -0.5
+    sets = _decode_sets(SWEEP_DECODE, 0.5, device, n_select)
+    for s in sets:
+        s["pages"] = select_pages(s["q_retr"], s["kmax"], s["kmin"], s["lengths"], PAGE, LOGICAL, n_select)
+
+    def dec_all():
+        for s in sets:
+            decode(s["q_stream"], s["sink_k"], s["sink_v"], s["ring_k"], s["ring_v"], s["q_retr"],
+                   s["pool_k"], s["pool_v"], s["pages"], s["lengths"], DECODE_SINK, DECODE_LOCAL,
+                   PAGE, scale, out_stream=s["out_s"], out_retr=s["out_r"])
+
+    default_plan = dict(dec_mod.DECODE_PLAN)
+    for var in [{}, {"num_stages": 2}, {"target_programs": 1024, "min_split_tokens": 128},
+                {"block_t": 128, "num_warps": 8}, {"target_programs": 4096, "min_split_tokens": 64},
+                {"target_programs": 528, "min_split_tokens": 256, "num_stages": 3}]:
+        dec_mod.DECODE_PLAN.update(default_plan)
+        dec_mod.DECODE_PLAN.update(var)
+        try:
+            t = _graph_time(dec_all, ROTATE) * 1e3
+        except Exception as exc:  # noqa: BLE001
+            print("  decode plan", var, "failed:", type(exc).__name__, str(exc)[:160], flush=True)
+            continue
+        out["decode"].append({"plan": dict(dec_mod.DECODE_PLAN), "decode_us": t})
+        print(f"  decode 128K 50% plan {var}: {t:.1f} us", flush=True)
+        if "decode" not in best or t < best["decode"][1]:
+            best["decode"] = (dict(dec_mod.DECODE_PLAN), t)
+    dec_mod.DECODE_PLAN.update(default_plan)
+    del sets
+    torch.cuda.empty_cache()
+
+    sets = _decode_sets(SWEEP_SELECT, 0.5, device, n_select)
+    default_sel = dict(sel_mod.SELECT_PLAN)
+
+    def score_all():
+        for s in sets:
+            sel_mod._scores(s["q_retr"], s["kmax"], s["kmin"], s["lengths"], PAGE, LOGICAL, pack=True)
+
+    def sel_all():
+        for s in sets:
+            select_pages(s["q_retr"], s["kmax"], s["kmin"], s["lengths"], PAGE, LOGICAL, n_select)
+
+    for var in [{}, {"score_rows": 64}, {"score_rows": 128, "score_warps": 8}, {"score_rows": 16},
+                {"topk": "sort"}]:
+        sel_mod.SELECT_PLAN.update(default_sel)
+        sel_mod.SELECT_PLAN.update(var)
+        try:
+            t_score = _graph_time(score_all, ROTATE) * 1e3
+            t = _graph_time(sel_all, ROTATE) * 1e3
+        except Exception as exc:  # noqa: BLE001
+            print("  select plan", var, "failed:", type(exc).__name__, str(exc)[:160], flush=True)
+            continue
+        out["select"].append({"plan": dict(sel_mod.SELECT_PLAN), "select_us": t, "score_only_us": t_score})
+        print(f"  select 512K 50% plan {var}: {t:.1f} us (scores alone {t_score:.1f} us)", flush=True)
+        if "select" not in best or t < best["select"][1]:
+            best["select"] = (dict(sel_mod.SELECT_PLAN), t)
+    sel_mod.SELECT_PLAN.update(default_sel)
+    del sets
+    torch.cuda.empty_cache()
+    out["best"] = {k: v[0] for k, v in best.items()}
+    print("  best:", out["best"], flush=True)
+    return out
+
+
+def apply_tuning(best):
+    bsp, sel_mod, dec_mod = _kernel_modules()
+    if "prefill" in best:
+        bsp.PREFILL_CONFIG[D] = tuple(best["prefill"])
+    if "decode" in best:
+        dec_mod.DECODE_PLAN.update(best["decode"])
+    if "select" in best:
+        sel_mod.SELECT_PLAN.update(best["select"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write all figures as JSON to this path")
+    ap.add_argument("--prefill", default="8192,32768,131072", help="prefill lengths")
+    ap.add_argument("--decode", default="32768,131072,524288", help="decode context lengths")
+    ap.add_argument("--locals", default="1024,8192", help="streaming local windows at prefill")
+    ap.add_argument("--no-flex", action="store_true", help="skip flex_attention")
+    ap.add_argument("--sweep", action="store_true", help="only sweep the kernels' launch parameters")
+    ap.add_argument("--tune", action="store_true",
+                    help="sweep first, then benchmark with the fastest launch parameters")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels needs a CUDA GPU", file=sys.stderr)
+        return 1
+    import triton
+    device = DEVICE
+    tuning = None
+    if args.sweep or args.tune:
+        tuning = sweep(device)
+        if args.sweep:
+            return 0
+        apply_tuning(tuning["best"])
+    bsp, sel_mod, dec_mod = _kernel_modules()
+    used = {"prefill_config": bsp.PREFILL_CONFIG[D], "decode_plan": dict(dec_mod.DECODE_PLAN),
+            "select_plan": dict(sel_mod.SELECT_PLAN)}
+    print("launch parameters:", used, flush=True)
+    rows, checks = [], []
+    lengths = [int(x) for x in args.prefill.split(",") if x]
+    locals_ = [int(x) for x in args.locals.split(",") if x]
+    bench_decode([int(x) for x in args.decode.split(",") if x], [0.5, 0.0], rows, checks, device)
+    bench_prefill(lengths, locals_, rows, checks, device, with_flex=not args.no_flex)
+    print("\nchecks:")
+    for c in checks:
+        print("  ", json.dumps(c))
+    print("\nsummary (ms for prefill, us for decode per layer):")
+    for r in rows:
+        print(_fmt_row(r))
+    result = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(),
+              "torch": torch.__version__, "triton": triton.__version__,
+              "shapes": {"hq": HQ, "hkv": HKV, "d": D, "dtype": str(DTYPE), "batch": 1,
+                         "prefill_sink": PREFILL_SINK, "decode_sink": DECODE_SINK,
+                         "decode_local": DECODE_LOCAL, "page": PAGE, "logical_page": LOGICAL,
+                         "budget": BUDGET, "selector_interval": INTERVAL},
+              "launch_parameters": used, "sweep": tuning, "rows": rows, "checks": checks}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

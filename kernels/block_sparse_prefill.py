@@ -1,0 +1,211 @@
+"""Block-sparse prefill attention (LServe, arXiv 2502.14866, section 3 "Prefill").
+
+One launch covers every head. A program owns one query block of one query head and walks only
+the key blocks its KV head can see:
+
+* a dense (retrieval) head: the causal range, bounded by ``kv_start`` (left padding) and by an
+  optional ``sliding_window``;
+* a streaming head: the blocks holding its ``sink`` first real keys, then the blocks of its
+  ``local`` band; every other key block is skipped without being loaded.
+
+Each visited range is split into boundary blocks, where every token is masked exactly, and inner
+blocks, which need no mask. The online softmax is the flash-attention one (base-2 exponentials,
+fp32 accumulation). Reference: :func:`lserve_hf.reference.prefill_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BIG = tl.constexpr(1 << 30)  # "no limit" for sink / local / sliding_window: larger than any position difference
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim. D=128: the fastest of
+# benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 32K, dense + 50% streaming:
+# 28.3 ms; (128, 128, 8, 2) 31.5, (128, 64, 8, 2) 35.3, (128, 64, 4, 3) 45.7). D=64: not swept.
+# Any entry is correct; they only differ in speed.
+PREFILL_CONFIG = {
+    64: (128, 64, 4, 3),
+    128: (128, 64, 8, 3),
+}
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            lo, hi, qpos, start, Skv, sink_e, local_e, window, qk_scale,
+            MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+            PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Online-softmax update over key blocks [lo, hi) (multiples of BLOCK_N).
+
+    MASKED blocks apply the exact token mask; the others are known to be fully visible and in
+    bounds, so they load without masks."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        kpos = start_n + offs_n
+        kt_ptrs = k_base + kpos[None, :] * stride_kn + offs_d[:, None] * stride_kd   # [D, N]
+        v_ptrs = v_base + kpos[:, None] * stride_vn + offs_d[None, :] * stride_vd    # [N, D]
+        if MASKED:
+            inb = kpos < Skv
+            kt = tl.load(kt_ptrs, mask=inb[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=inb[:, None], other=0.0)
+        else:
+            kt = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
+        if UPCAST:  # CPU tensors mean the interpreter, whose tl.dot mis-multiplies bf16
+            qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee") * qk_scale
+        else:
+            qk = tl.dot(q, kt, input_precision=PREC) * qk_scale                      # [M, N]
+        if MASKED:
+            diff = qpos[:, None] - kpos[None, :]
+            rel = kpos[None, :] - start
+            ok = (rel >= 0) & (diff >= 0) & (kpos[None, :] < Skv) & (diff < window)
+            ok = ok & ((rel < sink_e) | (diff < local_e))
+            qk = tl.where(ok, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # row with nothing seen yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_new
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(qk - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if UPCAST:
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _block_sparse_prefill_kernel(
+        Q, K, V, O, STREAM, KV_START,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_om, stride_od,
+        Hq, G, Sq, Skv, q_offset, sink, local, window, qk_scale,
+        HAS_START: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)   # heaviest (latest) query blocks first
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // G
+
+    start = 0
+    if HAS_START:
+        start = tl.load(KV_START + b).to(tl.int32)
+    is_stream = tl.load(STREAM + hk) != 0
+    sink_e = tl.where(is_stream, sink, 0)
+    local_e = tl.where(is_stream, local, _BIG)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qpos = q_offset + offs_m
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=(offs_m < Sq)[:, None], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+
+    # Query positions of this block's real rows.
+    q_lo = q_offset + pid_m * BLOCK_M
+    q_hi = tl.minimum(q_lo + BLOCK_M, q_offset + Sq) - 1
+
+    # Keys some row may see (lo_key..hi_key) and keys every row sees (full_lo..full_hi), ignoring
+    # the streaming window; both bounded by kv_start, causality, the KV length, the window.
+    lo_key = tl.maximum(start, q_lo - window + 1)
+    hi_key = tl.minimum(Skv, q_hi + 1)
+    full_lo = tl.maximum(start, q_hi - window + 1)
+    full_hi = tl.minimum(Skv, q_lo + 1)
+
+    # Range 1 (streaming only): the sink keys [start, start + sink).
+    s_lo_key = lo_key
+    s_hi_key = tl.minimum(hi_key, start + sink_e)
+    s_nonempty = s_hi_key > s_lo_key
+    s_lo = tl.where(s_nonempty, (s_lo_key // BLOCK_N) * BLOCK_N, 0)
+    s_hi = tl.where(s_nonempty, tl.cdiv(s_hi_key, BLOCK_N) * BLOCK_N, 0)
+    s_ilo = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, s_lo), s_hi)
+    s_ihi = tl.maximum(tl.minimum((tl.minimum(full_hi, start + sink_e) // BLOCK_N) * BLOCK_N, s_hi),
+                       s_ilo)
+
+    # Range 2: the local band (for a dense head, the whole causal range), after the sink blocks.
+    l_lo_key = tl.maximum(lo_key, q_lo - local_e + 1)
+    l_nonempty = hi_key > l_lo_key
+    l_lo = tl.maximum((l_lo_key // BLOCK_N) * BLOCK_N, s_hi)
+    l_hi = tl.where(l_nonempty, tl.cdiv(hi_key, BLOCK_N) * BLOCK_N, 0)
+    l_hi = tl.maximum(l_hi, l_lo)
+    l_ilo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(full_lo, q_hi - local_e + 1), BLOCK_N) * BLOCK_N,
+                                  l_lo), l_hi)
+    l_ihi = tl.maximum(tl.minimum((full_hi // BLOCK_N) * BLOCK_N, l_hi), l_ilo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base,
+                            stride_kn, stride_kd, stride_vn, stride_vd, s_lo, s_ilo, qpos, start, Skv,
+                            sink_e, local_e, window, qk_scale, True, BLOCK_N, HEAD_DIM, PREC, UPCAST)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base,
+                            stride_kn, stride_kd, stride_vn, stride_vd, s_ilo, s_ihi, qpos, start, Skv,
+                            sink_e, local_e, window, qk_scale, False, BLOCK_N, HEAD_DIM, PREC, UPCAST)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base,
+                            stride_kn, stride_kd, stride_vn, stride_vd, s_ihi, s_hi, qpos, start, Skv,
+                            sink_e, local_e, window, qk_scale, True, BLOCK_N, HEAD_DIM, PREC, UPCAST)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base,
+                            stride_kn, stride_kd, stride_vn, stride_vd, l_lo, l_ilo, qpos, start, Skv,
+                            sink_e, local_e, window, qk_scale, True, BLOCK_N, HEAD_DIM, PREC, UPCAST)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base,
+                            stride_kn, stride_kd, stride_vn, stride_vd, l_ilo, l_ihi, qpos, start, Skv,
+                            sink_e, local_e, window, qk_scale, False, BLOCK_N, HEAD_DIM, PREC, UPCAST)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base,
+                            stride_kn, stride_kd, stride_vn, stride_vd, l_ihi, l_hi, qpos, start, Skv,
+                            sink_e, local_e, window, qk_scale, True, BLOCK_N, HEAD_DIM, PREC, UPCAST)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]   # a query that sees no key gets zeros
+    o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < Sq)[:, None])
+
+
+def block_sparse_prefill(q, k, v, streaming, sink, local, q_offset=0, kv_start=None, scale=None,
+                         sliding_window=None, out=None, *, config=None):
+    """LServe prefill attention in one launch; same result as ``reference.prefill_attention``.
+
+    q ``[B, Hq, Sq, D]``; k, v ``[B, Hkv, Skv, D]`` (Hq a multiple of Hkv, KV never repeated);
+    ``streaming`` bool ``[Hkv]``; query i sits at position ``q_offset + i``; ``kv_start`` int
+    ``[B]`` masks each row's keys before it (sinks count from it); ``sliding_window`` bounds every
+    head. ``out`` (``[B, Hq, Sq, D]``, q's dtype) is written in full when given. ``config``
+    overrides ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (for tuning)."""
+    B, Hq, Sq, D = q.shape
+    Bk, Hkv, Skv, Dk = k.shape
+    if Bk != B or Dk != D or v.shape != k.shape or Hq % Hkv:
+        raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
+                         "[B, Hq, Sq, D] / [B, Hkv, Skv, D] with Hq a multiple of Hkv")
+    if D not in PREFILL_CONFIG:
+        raise ValueError(f"head dim {D} is not supported (supported: {sorted(PREFILL_CONFIG)})")
+    if streaming.numel() != Hkv:
+        raise ValueError(f"streaming has {streaming.numel()} entries for {Hkv} KV heads")
+    if out is None:
+        out = torch.empty_like(q)
+    scale = D ** -0.5 if scale is None else float(scale)
+    bm, bn, warps, stages = config if config is not None else PREFILL_CONFIG[D]
+    stream = streaming.to(device=q.device, dtype=torch.int8)
+    has_start = kv_start is not None
+    start = kv_start.to(device=q.device, dtype=torch.int32) if has_start else stream
+    window = _BIG.value if sliding_window is None else int(sliding_window)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    if Sq == 0 or B * Hq == 0:
+        return out
+    grid = (B * Hq, triton.cdiv(Sq, bm))
+    _block_sparse_prefill_kernel[grid](
+        q, k, v, out, stream, start,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Hq, Hq // Hkv, Sq, Skv, int(q_offset), int(sink), int(local), window,
+        scale * 1.4426950408889634,
+        HAS_START=has_start, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PREC=prec, UPCAST=q.device.type == "cpu",
+        num_warps=warps, num_stages=stages)
+    return out

@@ -1,0 +1,232 @@
+"""Query-aware page selection (Quest scoring, LServe hierarchical paging, section 2).
+
+Two or three small launches, none of which waits on the host:
+
+1. ``_score_kernel``: logical page j scores ``sum_c max(q_c Kmax[j, c], q_c Kmin[j, c])``; a
+   physical page takes the max over its logical pages; pages holding no token score -inf and
+   the row's last page +inf (it is always chosen). Each score is packed with its page index
+   into one int64 sort key (order-preserving float bits in the high half, ``2^31 - 1 - page``
+   in the low half), so every key is distinct and "higher score first, then lower page first"
+   is plain descending order: the reference's stable-sort tie rule, exactly.
+2. top-k, by default (``SELECT_PLAN["topk"] == "sort"``) ``_topk_kernel``: each chunk of
+   keys is sorted and keeps its best ``n_select``, then one more launch sorts the survivors
+   (skipped when there is a single chunk). The alternative (``"auto"``) is
+   ``_threshold_topk_kernel``, one program per query head: binary search for the
+   ``n_select``-th largest key (a few dozen reductions over the row held in registers), then
+   only the chosen keys are sorted; used when there are more pages than slots and at most
+   ``_MAX_THRESHOLD_ROW`` pages. Both give the same result.
+
+Reference: :func:`lserve_hf.reference.select_pages` (and ``page_scores``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_MIN_CHUNK = 1024  # keys sorted per program in the first top-k round (tests lower it)
+_MAX_THRESHOLD_ROW = 32768  # pages a threshold top-k program holds in registers
+# Launch knobs, the fastest of benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 512K,
+# 4 retrieval heads x 4 queries: "sort" 59.0 us, "auto" 68.2 us; at 128K the two tied).
+SELECT_PLAN = {
+    "score_rows": 32,   # logical pages scored per program
+    "score_warps": 4,
+    "topk": "sort",     # "auto": threshold search when fewer slots than pages; "sort": sorting
+}
+
+
+@triton.jit
+def _score_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
+                  stride_qb, stride_qh, stride_qg, stride_qd,
+                  stride_sb, stride_sh, stride_sl, stride_sd,
+                  stride_ob, stride_oh, stride_og, stride_op,
+                  Hkv, G, P, NL, page_size, logical_page_size,
+                  LPP: tl.constexpr, LPP_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, PACK: tl.constexpr, LAST_INF: tl.constexpr,
+                  ACC: tl.constexpr):
+    """Scores of BLOCK_P physical pages of one (row, KV head), for each of its G query heads."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    length = tl.load(LENGTHS + b).to(tl.int32)
+    n_logical = (length + logical_page_size - 1) // logical_page_size
+    n_pages = (length + page_size - 1) // page_size
+
+    offs_r = tl.arange(0, BLOCK_P * LPP_PAD)                 # one row per logical page
+    sub = offs_r % LPP_PAD
+    lpage = (tl.program_id(0) * BLOCK_P + offs_r // LPP_PAD) * LPP + sub
+    row_ok = (sub < LPP) & (lpage < NL)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_off = (b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+             + lpage.to(tl.int64)[:, None] * stride_sl + offs_d[None, :] * stride_sd)
+    has_tok = row_ok & (lpage < n_logical)              # empty pages (-inf/+inf) are not read
+    kmax = tl.load(KMAX + s_off, mask=has_tok[:, None], other=0.0)
+    kmin = tl.load(KMIN + s_off, mask=has_tok[:, None], other=0.0)
+
+    page = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    o_base = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    for g in range(G):
+        q = tl.load(q_base + g * stride_qg + offs_d * stride_qd).to(ACC)
+        bound = tl.maximum(q[None, :] * kmax.to(ACC), q[None, :] * kmin.to(ACC))
+        logical = tl.sum(bound, 1)                                        # [BLOCK_P * LPP_PAD]
+        logical = tl.where(has_tok, logical, float("-inf"))
+        score = tl.max(tl.reshape(logical, [BLOCK_P, LPP_PAD]), 1)        # [BLOCK_P]
+        if LAST_INF:
+            score = tl.where(page == n_pages - 1, float("inf"), score)
+        if PACK:
+            score = tl.where(score == 0.0, 0.0, score)                    # -0.0 ties +0.0
+            bits = score.to(tl.int32, bitcast=True)
+            ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)        # float order as int order
+            key = (ordered.to(tl.int64) << 32) | (2147483647 - page).to(tl.int64)
+            tl.store(o_base + g * stride_og + page * stride_op, key, mask=page < P)
+        else:
+            tl.store(o_base + g * stride_og + page * stride_op, score, mask=page < P)
+
+
+@triton.jit
+def _topk_kernel(KEYS, OUT, n_keys, n_out, P, stride_row_in, stride_row_out,
+                 CHUNK: tl.constexpr, K_KEEP: tl.constexpr, FINAL: tl.constexpr):
+    """Sort one chunk of CHUNK keys of one row, descending, and keep the first K_KEEP: as keys
+    into the next round, or (FINAL) as page indices; ranks past the P pages get the rank itself."""
+    row = tl.program_id(1)
+    chunk = tl.program_id(0)
+    offs = tl.arange(0, CHUNK)
+    idx = chunk * CHUNK + offs
+    keys = tl.load(KEYS + row.to(tl.int64) * stride_row_in + idx, mask=idx < n_keys,
+                   other=-9223372036854775807)
+    keys = tl.sort(keys, 0, descending=True)
+    if FINAL:
+        page = 2147483647 - (keys & 4294967295)
+        page = tl.where(offs < P, page, offs)
+        tl.store(OUT + row.to(tl.int64) * stride_row_out + offs, page, mask=offs < n_out)
+    else:
+        tl.store(OUT + row.to(tl.int64) * stride_row_out + chunk * K_KEEP + offs, keys,
+                 mask=offs < K_KEEP)
+
+
+@triton.jit
+def _count(x):
+    return tl.sum(x.to(tl.int32), 0)
+
+
+@triton.jit
+def _threshold_topk_kernel(KEYS, SCRATCH, OUT, P, n_select, stride_row_in, stride_row_out,
+                           P_PAD: tl.constexpr, K_PAD: tl.constexpr, IDX_BITS: tl.constexpr):
+    """Top n_select (< P) keys of one row without sorting the row: binary-search the n-th largest
+    score (32 steps over its order-preserving bits), then the page index that completes the ties
+    (lower pages first), compact the chosen keys through SCRATCH and sort only those."""
+    row = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, P_PAD)
+    ok = idx < P
+    keys = tl.load(KEYS + row * stride_row_in + idx, mask=ok, other=0)
+    ordered = (keys >> 32).to(tl.int32)
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in range(32):   # largest t with #{ordered >= t} >= n_select
+        mid = lo + (hi - lo + 1) // 2
+        enough = _count(ok & (ordered.to(tl.int64) >= mid)) >= n_select
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    t = lo.to(tl.int32)
+    need = n_select - _count(ok & (ordered > t))          # >= 1 pages still to take at score t
+    tie = ok & (ordered == t)
+    jlo = tl.full([], 0, tl.int32)
+    jhi = P - 1
+    for _ in range(IDX_BITS):  # smallest j with #{tie, idx <= j} >= need
+        mid = (jlo + jhi) // 2
+        enough = _count(tie & (idx <= mid)) >= need
+        jhi = tl.where(enough, mid, jhi)
+        jlo = tl.where(enough, jlo, mid + 1)
+    chosen = ok & ((ordered > t) | (tie & (idx <= jhi)))
+    pos = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    tl.store(SCRATCH + row * K_PAD + pos, keys, mask=chosen)
+    tl.debug_barrier()
+    offs = tl.arange(0, K_PAD)
+    best = tl.load(SCRATCH + row * K_PAD + offs, mask=offs < n_select, other=-9223372036854775807)
+    best = tl.sort(best, 0, descending=True)
+    page = 2147483647 - (best & 4294967295)
+    tl.store(OUT + row * stride_row_out + offs, page, mask=offs < n_select)
+
+
+def _scores(q, kmax, kmin, lengths, page_size, logical_page_size, pack, last_inf=True):
+    B, Hkv, G, D = q.shape
+    NL = kmax.shape[2]
+    lpp = page_size // logical_page_size
+    P = triton.cdiv(NL, lpp)
+    if page_size % logical_page_size or NL % lpp:
+        raise ValueError(f"page_size={page_size} must be a multiple of logical_page_size="
+                         f"{logical_page_size}, and the summaries hold whole physical pages")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty(B, Hkv, G, P, device=q.device, dtype=torch.int64 if pack else acc)
+    lpp_pad = triton.next_power_of_2(lpp)
+    block_p = max(1, SELECT_PLAN["score_rows"] // lpp_pad)
+    if out.numel():
+        _score_kernel[(triton.cdiv(P, block_p), B * Hkv)](
+            q, kmax, kmin, lengths.to(device=q.device), out,
+            *q.stride(), *kmax.stride(), *out.stride(),
+            Hkv, G, P, NL, page_size, logical_page_size,
+            LPP=lpp, LPP_PAD=lpp_pad, BLOCK_P=block_p, HEAD_DIM=D, PACK=pack, LAST_INF=last_inf,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=SELECT_PLAN["score_warps"])
+    return out
+
+
+def page_scores(q, kmax, kmin, lengths, page_size, logical_page_size) -> torch.Tensor:
+    """Physical page scores ``[B, Hkv, G, P]``, as ``reference.page_scores`` computes them (fp32,
+    or fp64 for fp64 queries); the selection's own scores, exposed for tests and inspection."""
+    return _scores(q, kmax, kmin, lengths, page_size, logical_page_size, pack=False, last_inf=False)
+
+
+def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select, *,
+                 topk=None) -> torch.Tensor:
+    """Selected physical pages, int64 ``[B, Hkv, G, n_select]``, equal to
+    ``reference.select_pages``: the row's last page first, then the best-scoring pages (ties to
+    the lower index), padded with indices past the pool when it has fewer than ``n_select``.
+
+    q ``[B, Hkv, G, D]`` (after RoPE); kmax, kmin ``[B, Hkv, NL, D]``; lengths ``[B]``.
+    ``topk``: "sort" (chunked sorting) or "auto" (threshold search when fewer slots than pages,
+    else sorting); both give the same result. None: ``SELECT_PLAN["topk"]``."""
+    B, Hkv, G, D = q.shape
+    n_select = int(n_select)
+    if q.dtype == torch.float64:
+        # Test precision: float64 scores cannot be packed with an index into 64 bits, so rank
+        # them with the reference's stable sort (the same order the packed keys give).
+        scores = _scores(q, kmax, kmin, lengths, page_size, logical_page_size, pack=False)
+        P = scores.shape[-1]
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        if P < n_select:
+            pad = torch.arange(P, n_select, device=q.device).expand(*order.shape[:-1], -1)
+            order = torch.cat([order, pad], dim=-1)
+        return order[..., :n_select]
+    keys = _scores(q, kmax, kmin, lengths, page_size, logical_page_size, pack=True)
+    P = keys.shape[-1]
+    rows = B * Hkv * G
+    out = torch.empty(B, Hkv, G, n_select, dtype=torch.int64, device=q.device)
+    if rows == 0 or n_select == 0:
+        return out
+    keys = keys.view(rows, P)
+    topk = topk or SELECT_PLAN["topk"]
+    if n_select < P and P <= _MAX_THRESHOLD_ROW and topk != "sort":
+        p_pad = triton.next_power_of_2(P)
+        k_pad = triton.next_power_of_2(n_select)
+        scratch = torch.empty(rows, k_pad, dtype=torch.int64, device=q.device)
+        _threshold_topk_kernel[(rows,)](keys, scratch, out, P, n_select, P, n_select,
+                                        P_PAD=p_pad, K_PAD=k_pad, IDX_BITS=max(1, p_pad.bit_length()),
+                                        num_warps=8 if p_pad >= 4096 else 4)
+        return out
+    k_keep = triton.next_power_of_2(n_select)
+    chunk = max(_MIN_CHUNK, 2 * k_keep)
+    n_chunks = triton.cdiv(P, chunk)
+    if n_chunks <= 1:
+        size = triton.next_power_of_2(max(P, n_select, 2))
+        _topk_kernel[(1, rows)](keys, out, P, n_select, P, P, n_select,
+                                CHUNK=size, K_KEEP=k_keep, FINAL=True, num_warps=4)
+        return out
+    cand = torch.empty(rows, n_chunks * k_keep, dtype=torch.int64, device=q.device)
+    _topk_kernel[(n_chunks, rows)](keys, cand, P, 0, P, P, n_chunks * k_keep,
+                                   CHUNK=chunk, K_KEEP=k_keep, FINAL=False, num_warps=4)
+    size = triton.next_power_of_2(n_chunks * k_keep)
+    _topk_kernel[(1, rows)](cand, out, n_chunks * k_keep, n_select, P, n_chunks * k_keep, n_select,
+                            CHUNK=size, K_KEEP=k_keep, FINAL=True, num_warps=4)
+    return out

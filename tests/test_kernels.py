@@ -1,0 +1,352 @@
+"""The Triton kernels against their torch references (lserve_hf.reference).
+
+On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here
+before Triton is imported) on small shapes; with CUDA the same tests run compiled, and the
+``gpu`` tests add larger shapes. Inputs are random (seeded), never zeros; kernels run in fp32 or
+bf16 and are compared with the reference on float64 copies by relative norm error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+    # Kernel modules imported earlier (as plain JIT functions) must be rebuilt as interpreted ones.
+    for _name in [m for m in sys.modules if m.startswith("lserve_hf.kernels.")]:
+        importlib.reload(sys.modules[_name])
+
+pytest.importorskip("triton")
+
+from lserve_hf import reference as R  # noqa: E402
+from lserve_hf.kernels import page_selector as PS  # noqa: E402
+from lserve_hf.kernels.block_sparse_prefill import block_sparse_prefill  # noqa: E402
+from lserve_hf.kernels.page_summary import build_page_summaries, update_page_summaries  # noqa: E402
+from lserve_hf.kernels.sparse_decode import sparse_paged_decode  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+# Small blocks so that tiny CPU shapes still span many key / query blocks.
+SMALL = (32, 16, 4, 1)
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 2e-2
+
+
+def _randn(*shape, dtype):
+    return torch.randn(*shape, device=DEV).to(dtype)
+
+
+# --------------------------------------------------------------------------------- prefill
+
+def _check_prefill(B, Hq, Hkv, Sq, Skv, D, streaming, sink, local, q_offset=0, kv_start=None,
+                   sliding_window=None, dtype=torch.float32, config=SMALL, scale=None):
+    q = _randn(B, Hq, Sq, D, dtype=dtype)
+    k = _randn(B, Hkv, Skv, D, dtype=dtype)
+    v = _randn(B, Hkv, Skv, D, dtype=dtype)
+    stream = torch.tensor(streaming, device=DEV)
+    start = None if kv_start is None else torch.tensor(kv_start, device=DEV)
+    out = torch.full_like(q, float("nan"))                      # poisoned: every element must be written
+    got = block_sparse_prefill(q, k, v, stream, sink, local, q_offset, start, scale, sliding_window,
+                               out=out, config=config)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == dtype
+    assert not torch.isnan(out).any()
+    ref = R.prefill_attention(q.double(), k.double(), v.double(), stream, sink, local, q_offset,
+                              start, scale, sliding_window)
+    err = rel_err(out, ref)
+    assert err < _tol(dtype), err
+    return q, k, v, stream, start, out, ref
+
+
+@pytest.mark.parametrize("G,D", [(1, 64), (4, 128), (8, 64)])
+def test_prefill_gqa_mixed_heads(G, D):
+    torch.manual_seed(10 + G)
+    # odd lengths; sink 5 and local 21 cut through 16-key blocks
+    _check_prefill(1, 2 * G, 2, 75, 75, D, [True, False], sink=5, local=21)
+
+
+def test_prefill_offset_kv_start_chunked():
+    torch.manual_seed(1)
+    # a query chunk at offset 61 into a 131-key cache, left padding per row
+    _check_prefill(2, 8, 2, 70, 131, 64, [True, False], sink=7, local=19, q_offset=61,
+                   kv_start=[0, 13])
+
+
+def test_prefill_all_streaming_and_all_dense():
+    torch.manual_seed(2)
+    _check_prefill(1, 4, 4, 67, 67, 64, [True] * 4, sink=3, local=29, kv_start=[9])
+    _check_prefill(1, 4, 4, 67, 67, 64, [False] * 4, sink=3, local=29, kv_start=[9])
+
+
+def test_prefill_sliding_window_and_no_sink():
+    torch.manual_seed(3)
+    _check_prefill(2, 4, 2, 53, 53, 128, [True, False], sink=0, local=11, sliding_window=23,
+                   kv_start=[4, 0], scale=0.07)
+
+
+def test_prefill_bf16_default_blocks():
+    torch.manual_seed(4)
+    # the tuned (Hopper) block sizes, with a local window that is not a block multiple
+    _check_prefill(1, 4, 2, 150, 150, 64, [True, False], sink=9, local=70, dtype=torch.bfloat16,
+                   config=None)
+
+
+def test_prefill_unseen_queries_get_zeros():
+    torch.manual_seed(5)
+    # row 1's first 20 positions are padding: those queries see no key at all
+    _, _, _, _, _, out, ref = _check_prefill(2, 2, 1, 40, 40, 64, [False], sink=4, local=8,
+                                             kv_start=[0, 20])
+    assert torch.equal(out[1, :, :20], torch.zeros_like(out[1, :, :20]))
+    assert torch.equal(ref[1, :, :20], torch.zeros_like(ref[1, :, :20]))
+
+
+def test_prefill_streaming_heads_skip_far_blocks():
+    """NaN in the keys/values of blocks a streaming head never needs must not reach the output:
+    those blocks are not loaded at all (a masked load would still spread NaN through p @ V)."""
+    torch.manual_seed(6)
+    B, Hq, Hkv, S, D, sink, local = 1, 2, 1, 192, 64, 16, 16
+    bm, bn = 32, 16
+    q = _randn(B, Hq, S, D, dtype=torch.float32)
+    k = _randn(B, Hkv, S, D, dtype=torch.float32)
+    v = _randn(B, Hkv, S, D, dtype=torch.float32)
+    stream = torch.tensor([True], device=DEV)
+    ref = R.prefill_attention(q.double(), k.double(), v.double(), stream, sink, local)
+    # Keys in [sink, q_lo - local) for the last query block are never visible to it; poison keys
+    # 32..95, which no query block from position 128 on may visit.
+    kp, vp = k.clone(), v.clone()
+    kp[:, :, 32:96] = float("nan")
+    vp[:, :, 32:96] = float("nan")
+    out = block_sparse_prefill(q[:, :, 128:], kp, vp, stream, sink, local, q_offset=128,
+                               config=(bm, bn, 4, 1))
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref[:, :, 128:]) < 1e-5
+
+
+@gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefill_gpu_default_config(D):
+    torch.manual_seed(7)
+    _check_prefill(1, 8, 2, 1999, 2411, D, [True, False], sink=128, local=333, q_offset=412,
+                   kv_start=[17], dtype=torch.bfloat16, config=None)
+    _check_prefill(2, 8, 8, 1500, 1500, D, [True, False] * 4, sink=64, local=700,
+                   dtype=torch.float16, config=None, sliding_window=1100)
+
+
+# --------------------------------------------------------------------------- page summaries
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_build_page_summaries(dtype):
+    torch.manual_seed(20)
+    keys = _randn(3, 2, 96, 64, dtype=dtype)
+    lengths = torch.tensor([0, 37, 96], device=DEV)
+    kmax, kmin = build_page_summaries(keys, lengths, 16)
+    rmax, rmin = R.page_summaries(keys, lengths, 16)
+    assert torch.equal(kmax, rmax) and torch.equal(kmin, rmin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_update_page_summaries(dtype):
+    torch.manual_seed(21)
+    B, H, T, D, lp = 3, 2, 64, 128, 16
+    keys = _randn(B, H, T, D, dtype=dtype)
+    lengths = torch.tensor([0, 17, 40], device=DEV)
+    kmax, kmin = R.page_summaries(keys, lengths, lp)
+    new = _randn(B, H, D, dtype=dtype)
+    pos = torch.tensor([0, 17, 40], device=DEV)
+    rmax, rmin = kmax.clone(), kmin.clone()
+    R.update_page_summaries(rmax, rmin, new, pos, lp)
+    update_page_summaries(kmax, kmin, new, pos, lp)
+    assert torch.equal(kmax, rmax) and torch.equal(kmin, rmin)
+    # the update equals rebuilding with the token appended
+    keys2 = keys.clone()
+    keys2[torch.arange(B, device=DEV), :, pos] = new
+    bmax, bmin = R.page_summaries(keys2, lengths + 1, lp)
+    assert torch.equal(rmax, bmax) and torch.equal(rmin, bmin)
+    # a position past the pages changes nothing
+    before = kmax.clone()
+    update_page_summaries(kmax, kmin, new, torch.tensor([T, T + 5, 10 * T], device=DEV), lp)
+    assert torch.equal(kmax, before)
+
+
+# ---------------------------------------------------------------------------- page selector
+
+def _summaries(B, Hkv, T, D, lengths, lp, dtype, integer, repeat_pages=0, page_size=16):
+    if integer:
+        keys = torch.randint(-2, 3, (B, Hkv, T, D), device=DEV).to(dtype)
+    else:
+        keys = _randn(B, Hkv, T, D, dtype=dtype)
+    if repeat_pages:  # pages r .. 3r - 1 repeat pages 0 .. r - 1: exact ties between pages
+        pages = keys.view(B, Hkv, T // page_size, page_size, D)
+        pages[:, :, repeat_pages:3 * repeat_pages] = pages[:, :, :repeat_pages].repeat(1, 1, 2, 1, 1)
+    return R.page_summaries(keys, torch.tensor(lengths, device=DEV), lp)
+
+
+@pytest.mark.parametrize("topk,min_chunk,dtype", [("sort", 16, torch.float32),
+                                                  ("sort", 1024, torch.bfloat16),
+                                                  ("auto", 1024, torch.float32),
+                                                  ("auto", 1024, torch.bfloat16)])
+def test_select_pages_exact_with_ties(monkeypatch, topk, min_chunk, dtype):
+    """Integer-valued q and keys make every sum exact and ties frequent: the selection must equal
+    the reference's stable sort element for element (last page first, ties to the lower page)."""
+    monkeypatch.setattr(PS, "_MIN_CHUNK", min_chunk)   # 16: several top-k chunks and a merge
+    torch.manual_seed(30)
+    B, Hkv, G, D, T, ps, lp = 2, 2, 2, 64, 768, 16, 4
+    lengths = [757, 161]
+    kmax, kmin = _summaries(B, Hkv, T, D, lengths, lp, dtype, integer=True, repeat_pages=3)
+    q = torch.randint(-1, 2, (B, Hkv, G, D), device=DEV).to(dtype)
+    L = torch.tensor(lengths, device=DEV)
+    for n_select in (1, 5, 12):
+        got = PS.select_pages(q, kmax, kmin, L, ps, lp, n_select, topk=topk)
+        ref = R.select_pages(q, kmax, kmin, L, ps, lp, n_select)
+        assert got.dtype == torch.int64 and torch.equal(got, ref), n_select
+    scores = R.page_scores(q, kmax, kmin, L, ps, lp)
+    assert torch.equal(scores[..., :3], scores[..., 3:6]) and torch.equal(scores[..., :3], scores[..., 6:9])
+
+
+def test_select_pages_fewer_pages_than_slots_and_empty_row():
+    torch.manual_seed(31)
+    B, Hkv, G, D, T, ps, lp = 3, 1, 2, 64, 64, 16, 4
+    lengths = [60, 5, 0]
+    kmax, kmin = _summaries(B, Hkv, T, D, lengths, lp, torch.float32, integer=True)
+    q = torch.randint(-2, 3, (B, Hkv, G, D), device=DEV).float()
+    L = torch.tensor(lengths, device=DEV)
+    got = PS.select_pages(q, kmax, kmin, L, ps, lp, 7)     # 4 pages in the pool, 7 slots
+    ref = R.select_pages(q, kmax, kmin, L, ps, lp, 7)
+    assert torch.equal(got, ref)
+    assert torch.equal(got[..., 4:], torch.arange(4, 7, device=DEV).expand(B, Hkv, G, 3))
+
+
+def test_select_pages_random_float(monkeypatch):
+    """Random floats: the kernel's scores match the reference's to rounding, and its ranking is
+    exactly the reference's stable sort of those scores (whatever the summation order)."""
+    monkeypatch.setattr(PS, "_MIN_CHUNK", 32)
+    torch.manual_seed(32)
+    B, Hkv, G, D, T, ps, lp = 2, 2, 4, 128, 1024, 16, 4
+    lengths = [1001, 333]
+    kmax, kmin = _summaries(B, Hkv, T, D, lengths, lp, torch.float32, integer=False)
+    q = _randn(B, Hkv, G, D, dtype=torch.float32)
+    L = torch.tensor(lengths, device=DEV)
+    scores = PS.page_scores(q, kmax, kmin, L, ps, lp)
+    ref_scores = R.page_scores(q.double(), kmax.double(), kmin.double(), L, ps, lp)
+    fin = torch.isfinite(ref_scores)
+    assert torch.equal(fin, torch.isfinite(scores))
+    assert torch.allclose(scores[fin].double(), ref_scores[fin], rtol=1e-5, atol=1e-4)
+    got = PS.select_pages(q, kmax, kmin, L, ps, lp, 9)
+    assert torch.equal(got, PS.select_pages(q, kmax, kmin, L, ps, lp, 9, topk="auto"))
+    n_pages = (L + ps - 1) // ps
+    last = torch.arange(scores.shape[-1], device=DEV).view(1, -1) == (n_pages - 1).view(-1, 1)
+    ranked = torch.sort(scores.masked_fill(last.view(B, 1, 1, -1), float("inf")), dim=-1,
+                        descending=True, stable=True).indices[..., :9]
+    assert torch.equal(got, ranked)
+    # and with float64 queries the kernel scores in float64, equal to the reference
+    got64 = PS.select_pages(q.double(), kmax.double(), kmin.double(), L, ps, lp, 9)
+    assert torch.equal(got64, R.select_pages(q.double(), kmax.double(), kmin.double(), L, ps, lp, 9))
+
+
+@gpu
+def test_select_pages_gpu_long_context():
+    torch.manual_seed(33)
+    B, Hkv, G, D, ps, lp = 1, 8, 4, 128, 64, 16
+    T = 128 * 1024
+    lengths = [T - 37]
+    kmax, kmin = _summaries(B, Hkv, T, D, lengths, lp, torch.bfloat16, integer=True)
+    q = torch.randint(-2, 3, (B, Hkv, G, D), device=DEV).to(torch.bfloat16)
+    L = torch.tensor(lengths, device=DEV)
+    ref = R.select_pages(q, kmax, kmin, L, ps, lp, 64)
+    assert torch.equal(PS.select_pages(q, kmax, kmin, L, ps, lp, 64, topk="auto"), ref)
+    assert torch.equal(PS.select_pages(q, kmax, kmin, L, ps, lp, 64, topk="sort"), ref)
+
+
+# ---------------------------------------------------------------------------------- decode
+
+def _decode_inputs(B, Hs, Hr, G, D, sink, local, T, ps, K, lengths, dtype):
+    L = torch.tensor(lengths, device=DEV)
+    qs, qr = _randn(B, Hs, G, D, dtype=dtype), _randn(B, Hr, G, D, dtype=dtype)
+    sk, sv = _randn(B, Hs, sink, D, dtype=dtype), _randn(B, Hs, sink, D, dtype=dtype)
+    rk, rv = _randn(B, Hs, local, D, dtype=dtype), _randn(B, Hs, local, D, dtype=dtype)
+    pk, pv = _randn(B, Hr, T, D, dtype=dtype), _randn(B, Hr, T, D, dtype=dtype)
+    P = T // ps
+    # distinct pages per head, some slots empty (-1) or past the pool (P, P + 1)
+    pages = torch.stack([torch.randperm(P + 3)[:K] - 1 for _ in range(B * Hr * G)] or
+                        [torch.zeros(0, K, dtype=torch.long)]).view(B, Hr, G, K).to(DEV)
+    # tokens past a row's length (and pages nobody selected) may hold garbage: poison them
+    tok = torch.arange(T, device=DEV).view(1, 1, T, 1)
+    pk = torch.where(tok < L.view(B, 1, 1, 1), pk, float("nan")).to(dtype)
+    pv = torch.where(tok < L.view(B, 1, 1, 1), pv, float("nan")).to(dtype)
+    if Hr:
+        hits = torch.zeros(B, Hr, P, dtype=torch.long, device=DEV)
+        ok = (pages >= 0) & (pages < P)
+        hits.scatter_add_(2, pages.clamp(0, P - 1).flatten(2), ok.flatten(2).long())
+        unsel = (hits == 0).repeat_interleave(ps, dim=2).unsqueeze(-1)
+        pk, pv = pk.masked_fill(unsel, float("nan")), pv.masked_fill(unsel, float("nan"))
+    return L, qs, sk, sv, rk, rv, qr, pk, pv, pages
+
+
+def _check_decode(B, Hs, Hr, G, D, sink, local, T, ps, K, lengths, dtype=torch.float32, **kw):
+    L, qs, sk, sv, rk, rv, qr, pk, pv, pages = _decode_inputs(B, Hs, Hr, G, D, sink, local, T, ps,
+                                                              K, lengths, dtype)
+    scale = D ** -0.5
+    out_s = torch.full_like(qs, float("nan"))
+    out_r = torch.full_like(qr, float("nan"))
+    got_s, got_r = sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, sink, local, ps,
+                                       scale, out_stream=out_s, out_retr=out_r, **kw)
+    assert got_s.data_ptr() == out_s.data_ptr() and got_r.data_ptr() == out_r.data_ptr()
+    assert got_s.shape == (B, Hs, G, D) and got_r.shape == (B, Hr, G, D)
+    if Hs:
+        ref = R.streaming_decode(qs.double(), sk.double(), sv.double(), rk.double(), rv.double(), L,
+                                 sink, local, scale)
+        assert not torch.isnan(out_s).any()
+        assert rel_err(out_s, ref) < _tol(dtype)
+    if Hr:
+        ref = R.paged_decode(qr.double(), pk.double(), pv.double(), pages, L, ps, scale)
+        assert not torch.isnan(out_r).any()
+        assert rel_err(out_r, ref) < _tol(dtype)
+
+
+@pytest.mark.parametrize("G,D", [(1, 64), (4, 128), (8, 64)])
+def test_decode_mixed_heads(G, D):
+    torch.manual_seed(40 + G)
+    # lengths cross page boundaries (partial last pages), one short row, ring wrapped in row 0
+    _check_decode(2, 2, 2, G, D, sink=5, local=13, T=96, ps=16, K=4, lengths=[91, 9])
+
+
+@pytest.mark.parametrize("n_split", [1, 3, None])
+def test_decode_splits(n_split):
+    torch.manual_seed(50)
+    _check_decode(3, 1, 2, 2, 64, sink=4, local=24, T=128, ps=16, K=6, lengths=[128, 45, 17],
+                  n_split=n_split)
+
+
+def test_decode_only_retrieval_or_only_streaming():
+    torch.manual_seed(51)
+    _check_decode(2, 0, 3, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 33], n_split=2)
+    _check_decode(2, 3, 0, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 3], n_split=2)
+    _check_decode(2, 2, 0, 2, 64, sink=0, local=8, T=80, ps=16, K=4, lengths=[70, 3])
+
+
+def test_decode_bf16_odd_page():
+    torch.manual_seed(52)
+    # page of 24 tokens (not a power of two), bf16
+    _check_decode(2, 2, 2, 2, 128, sink=6, local=10, T=96, ps=24, K=3, lengths=[95, 30],
+                  dtype=torch.bfloat16)
+
+
+@gpu
+def test_decode_gpu_budget_shape():
+    torch.manual_seed(53)
+    _check_decode(2, 4, 4, 4, 128, sink=128, local=256, T=16384, ps=64, K=64,
+                  lengths=[16384 - 5, 9000], dtype=torch.bfloat16)
+    _check_decode(1, 4, 4, 8, 128, sink=128, local=256, T=16384, ps=64, K=64,
+                  lengths=[7777], dtype=torch.float32)
