@@ -12,23 +12,15 @@ Three regimes, chosen by what the ``LServeLayer`` holds:
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
+from . import pages as page_ops
 from . import reference
+from .backend import say_once, use_triton
 from .streaming import ring_tokens
 
-logger = logging.getLogger("lserve_hf")
 ATTN_NAME = "lserve"
-_warned: set[str] = set()
-
-
-def warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        logger.warning(msg)
 
 
 def lserve_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -37,8 +29,8 @@ def lserve_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
     builds its causal/sink/local masks itself), or None when nothing is padded."""
     if attention_mask is None or attention_mask.dim() != 2:
         return attention_mask
-    attention_mask = attention_mask[:, -kv_length:].bool()
-    return None if bool(attention_mask.all()) else attention_mask
+    # no `.all()` check here: it would sync the device at every decode step
+    return attention_mask[:, -kv_length:].bool()
 
 
 def lserve_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -49,7 +41,7 @@ def lserve_attention_forward(module, query, key, value, attention_mask, scaling=
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if lserve_layer is None or lserve_layer.phase == "prefill":
         if lserve_layer is None and query.shape[2] == 1 and key.shape[2] > 1:
-            warn_once("LServe: decoding with a cache that is not an LServeCache; streaming heads use the "
+            say_once("LServe: decoding with a cache that is not an LServeCache; streaming heads use the "
                       "prefill window and retrieval heads attend densely (no page selection). Let the "
                       "patched model create its cache, or pass LServeCache(model).")
         out = _prefill(query, key, value, attention_mask, plan, cfg, scale, sliding_window)
@@ -64,6 +56,16 @@ def _prefill(query, key, value, attention_mask, plan, cfg, scale, sliding_window
     kv_start = None
     if attention_mask is not None and attention_mask.dim() == 2:
         kv_start = (~attention_mask[:, -key.shape[2]:].bool()).sum(1)
+        kv_start = kv_start if bool(kv_start.any()) else None   # one sync per prefill, not per step
+    if use_triton(cfg.backend, query):
+        if query.shape[-1] in (64, 128):
+            from .kernels import block_sparse_prefill
+
+            return block_sparse_prefill(query, key, value, plan.streaming.to(query.device), cfg.prefill_sink,
+                                        cfg.prefill_local, key.shape[2] - query.shape[2], kv_start, scale,
+                                        sliding_window)
+        say_once(f"LServe: the Triton prefill supports head dims 64 and 128, not {query.shape[-1]}; "
+                 "prefill runs the torch path (same semantics, slower).")
     return sdpa_prefill(query, key, value, plan, cfg.prefill_sink, cfg.prefill_local,
                         key.shape[2] - query.shape[2], kv_start, scale, sliding_window,
                         cfg.prefill_query_block)
@@ -105,8 +107,13 @@ def _decode(query, layer, plan, cfg, scale, window=None):
     Hkv = plan.streaming.numel()
     G = Hq // Hkv
     q = query.view(B, Hkv, G, D)
-    out = torch.empty_like(q)
     st, rt = plan.stream_heads.to(q.device), plan.retrieval_heads.to(q.device)
+    if use_triton(cfg.backend, q):
+        if window is None or layer.max_length <= window:
+            return _decode_triton(q, layer, plan, cfg, scale, st, rt).view(B, Hq, 1, D)
+        say_once("LServe: the Triton decode has no sliding window; past the window, decode runs the "
+                 "torch path (same semantics, slower).")
+    out = torch.empty_like(q)
     if st.numel():
         out[:, st] = reference.streaming_decode(q[:, st], layer.sink_k, layer.sink_v, layer.ring_k,
                                                 layer.ring_v, layer.lengths, cfg.decode_sink,
@@ -128,10 +135,24 @@ def decode_pages(q, layer, plan, cfg) -> torch.Tensor:
     if plan.dense:
         return torch.arange(n_pages, device=q.device).view(1, 1, 1, -1).expand(B, Hr, G, -1)
     if layer.pages is None or layer.decode_steps % cfg.selector_interval == 0:
-        layer.pages = reference.select_pages(q, layer.kmax, layer.kmin, layer.lengths, cfg.page_size,
-                                             cfg.logical_page_size, cfg.pages_per_selection)
+        layer.pages = page_ops.select(q, layer.kmax, layer.kmin, layer.lengths, cfg)
     dup = (layer.pages == last).any(-1, keepdim=True)
     return torch.cat([layer.pages, torch.where(dup, -1, last)], dim=-1)
+
+
+def _decode_triton(q, layer, plan, cfg, scale, st, rt):
+    """One launch for all heads (``kernels.sparse_paged_decode``); outputs scattered back by head."""
+    from .kernels import sparse_paged_decode
+
+    pages = decode_pages(q.index_select(1, rt), layer, plan, cfg) if rt.numel() else \
+        q.new_zeros(q.shape[0], 0, q.shape[2], 1, dtype=torch.long)
+    o_s, o_r = sparse_paged_decode(q.index_select(1, st), layer.sink_k, layer.sink_v, layer.ring_k, layer.ring_v,
+                                   q.index_select(1, rt), layer.pool_k, layer.pool_v, pages, layer.lengths,
+                                   cfg.decode_sink, cfg.decode_local, cfg.page_size, scale)
+    layer.decode_steps += 1
+    out = torch.empty_like(q)
+    out[:, st], out[:, rt] = o_s, o_r
+    return out
 
 
 def _extend(query, layer, cfg, scale, new_k, new_v, window=None):

@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     demo.add_argument("--device", default=None, help="e.g. cuda; default CPU")
 
     bench = sub.add_parser("bench", help="GPU benchmarks")
-    bench.add_argument("what", choices=["kernels"])
+    bench.add_argument("what", choices=["kernels", "e2e"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)
