@@ -283,7 +283,7 @@ def _fmt_row(r):
             f"({g['speedup_vs_sdpa']:5.1f}x) | eager: layer {e['layer']:6.1f} sdpa {e['sdpa']:7.1f}")
 
 
-def sweep(device):
+def sweep(device, parts=("prefill", "decode", "select")):
     """Launch-parameter sweep on this GPU: prefill block sizes (32K, dense + 50% local 1024), the
     decode plan (128K, 50% streaming) and the selection plan (512K, 50%). Returns the timings and
     the fastest setting of each; ``--tune`` applies those before benchmarking."""
@@ -291,7 +291,7 @@ def sweep(device):
 
     out = {"prefill": [], "decode": [], "select": []}
     best = {}
-    for cfg in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 2)]:
+    for cfg in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)] if "prefill" in parts else []:
         rows = []
         try:
             bench_prefill([SWEEP_PREFILL], [1024], rows, [], device, config=cfg, with_flex=False)
@@ -319,9 +319,12 @@ def sweep(device):
                    PAGE, scale, out_stream=s["out_s"], out_retr=s["out_r"])
 
     default_plan = dict(dec_mod.DECODE_PLAN)
-    for var in [{}, {"num_stages": 2}, {"target_programs": 1024, "min_split_tokens": 128},
-                {"block_t": 128, "num_warps": 8}, {"target_programs": 4096, "min_split_tokens": 64},
-                {"target_programs": 528, "min_split_tokens": 256, "num_stages": 3}]:
+    for var in [{}, {"fused_combine": True},
+                {"fused_combine": True, "target_programs": 2048, "min_split_tokens": 64},
+                {"block_t": 128, "num_warps": 8, "fused_combine": True},
+                {"num_warps": 2, "fused_combine": True},
+                {"block_t": 32, "num_warps": 2, "fused_combine": True, "target_programs": 2048,
+                 "min_split_tokens": 64}] if "decode" in parts else []:
         dec_mod.DECODE_PLAN.update(default_plan)
         dec_mod.DECODE_PLAN.update(var)
         try:
@@ -337,8 +340,26 @@ def sweep(device):
     del sets
     torch.cuda.empty_cache()
 
-    sets = _decode_sets(SWEEP_SELECT, 0.5, device, n_select)
     default_sel = dict(sel_mod.SELECT_PLAN)
+    # 128K first (the per-layer target), then 512K (the growth target); the best is the lowest
+    # sum of the two.
+    sets = _decode_sets(SWEEP_DECODE, 0.5, device, n_select)
+    sel128 = {}
+    for var in [{}, {"topk": "radix"}, {"topk": "radix", "topk_warps": 8}] if "select" in parts else []:
+        sel_mod.SELECT_PLAN.update(default_sel)
+        sel_mod.SELECT_PLAN.update(var)
+        try:
+            t = _graph_time(lambda: [select_pages(s["q_retr"], s["kmax"], s["kmin"], s["lengths"], PAGE,
+                                                  LOGICAL, n_select) for s in sets], ROTATE) * 1e3
+        except Exception as exc:  # noqa: BLE001
+            print("  select plan", var, "failed:", type(exc).__name__, str(exc)[:160], flush=True)
+            continue
+        sel128[json.dumps(var, sort_keys=True)] = t
+        print(f"  select 128K 50% plan {var}: {t:.1f} us", flush=True)
+    sel_mod.SELECT_PLAN.update(default_sel)
+    del sets
+    torch.cuda.empty_cache()
+    sets = _decode_sets(SWEEP_SELECT, 0.5, device, n_select)
 
     def score_all():
         for s in sets:
@@ -348,8 +369,7 @@ def sweep(device):
         for s in sets:
             select_pages(s["q_retr"], s["kmax"], s["kmin"], s["lengths"], PAGE, LOGICAL, n_select)
 
-    for var in [{}, {"score_rows": 64}, {"score_rows": 128, "score_warps": 8}, {"score_rows": 16},
-                {"topk": "sort"}]:
+    for var in [{}, {"topk": "radix"}, {"topk": "radix", "topk_warps": 8}] if "select" in parts else []:
         sel_mod.SELECT_PLAN.update(default_sel)
         sel_mod.SELECT_PLAN.update(var)
         try:
@@ -358,16 +378,48 @@ def sweep(device):
         except Exception as exc:  # noqa: BLE001
             print("  select plan", var, "failed:", type(exc).__name__, str(exc)[:160], flush=True)
             continue
-        out["select"].append({"plan": dict(sel_mod.SELECT_PLAN), "select_us": t, "score_only_us": t_score})
+        t128 = sel128.get(json.dumps(var, sort_keys=True), float("inf"))
+        out["select"].append({"plan": dict(sel_mod.SELECT_PLAN), "select_us": t, "score_only_us": t_score,
+                              "select_128k_us": t128})
         print(f"  select 512K 50% plan {var}: {t:.1f} us (scores alone {t_score:.1f} us)", flush=True)
-        if "select" not in best or t < best["select"][1]:
-            best["select"] = (dict(sel_mod.SELECT_PLAN), t)
+        if "select" not in best or t + t128 < best["select"][1]:
+            best["select"] = (dict(sel_mod.SELECT_PLAN), t + t128)
     sel_mod.SELECT_PLAN.update(default_sel)
     del sets
     torch.cuda.empty_cache()
     out["best"] = {k: v[0] for k, v in best.items()}
     print("  best:", out["best"], flush=True)
     return out
+
+
+def compare(before_path, after_path):
+    """Before/after table of two --out files (rows matched by kind, tokens, streaming, local)."""
+    def load(p):
+        with open(p) as f:
+            d = json.load(f)
+        return d, {(r["kind"], r["tokens"], r["streaming"], r.get("local")): r for r in d["rows"]}
+
+    (db, before), (da, after) = load(before_path), load(after_path)
+    print(f"before/after: {da['device']}, {da['date'][:16]}, torch {da['torch']}, triton {da['triton']}")
+    print("prefill ms         | before  after |  sdpa   flex | after/sdpa  sdpa/after  flex/after")
+    for key, a in after.items():
+        if key[0] != "prefill":
+            continue
+        b = before.get(key)
+        bt = f"{b['triton_ms']:7.2f}" if b else "      -"
+        fx = f"{a['flex_ms']:6.2f}" if a.get("flex_ms") else "     -"
+        fr = f"{a['flex_ms'] / a['triton_ms']:10.2f}x" if a.get("flex_ms") else "          -"
+        print(f"{key[1]:>7} {key[2]:>4.0%} L{key[3]:<5}| {bt} {a['triton_ms']:6.2f} | {a['sdpa_ms']:6.2f} {fx} | "
+              f"{a['triton_ms'] / a['sdpa_ms']:9.3f}  {a['sdpa_ms'] / a['triton_ms']:9.2f}x {fr}")
+    print("decode us (graph)  | layer before/after | select before/after | decode before/after")
+    for key, a in after.items():
+        if key[0] != "decode":
+            continue
+        b = before.get(key)
+        ga, gb = a["graph"], (b["graph"] if b else None)
+        f = (lambda x, k: f"{x[k]:6.1f}" if x else "     -")
+        print(f"{key[1]:>7} {key[2]:>4.0%}       | {f(gb, 'layer')} {f(ga, 'layer')}      | {f(gb, 'select')} "
+              f"{f(ga, 'select')}       | {f(gb, 'decode')} {f(ga, 'decode')}")
 
 
 def apply_tuning(best):
@@ -386,11 +438,19 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", default="8192,32768,131072", help="prefill lengths")
     ap.add_argument("--decode", default="32768,131072,524288", help="decode context lengths")
     ap.add_argument("--locals", default="1024,8192", help="streaming local windows at prefill")
+    ap.add_argument("--decode-fracs", default="0.5,0", help="streaming fractions at decode")
     ap.add_argument("--no-flex", action="store_true", help="skip flex_attention")
+    ap.add_argument("--tune-parts", default="prefill,decode,select",
+                    help="what --sweep / --tune sweep (comma list of prefill, decode, select)")
+    ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), default=None,
+                    help="print a before/after table of two --out files and exit")
     ap.add_argument("--sweep", action="store_true", help="only sweep the kernels' launch parameters")
     ap.add_argument("--tune", action="store_true",
                     help="sweep first, then benchmark with the fastest launch parameters")
     args = ap.parse_args(argv)
+    if args.compare:
+        compare(*args.compare)
+        return 0
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU", file=sys.stderr)
         return 1
@@ -398,7 +458,7 @@ def main(argv=None) -> int:
     device = DEVICE
     tuning = None
     if args.sweep or args.tune:
-        tuning = sweep(device)
+        tuning = sweep(device, args.tune_parts.split(","))
         if args.sweep:
             return 0
         apply_tuning(tuning["best"])
@@ -409,7 +469,8 @@ def main(argv=None) -> int:
     rows, checks = [], []
     lengths = [int(x) for x in args.prefill.split(",") if x]
     locals_ = [int(x) for x in args.locals.split(",") if x]
-    bench_decode([int(x) for x in args.decode.split(",") if x], [0.5, 0.0], rows, checks, device)
+    bench_decode([int(x) for x in args.decode.split(",") if x],
+                 [float(x) for x in args.decode_fracs.split(",") if x], rows, checks, device)
     bench_prefill(lengths, locals_, rows, checks, device, with_flex=not args.no_flex)
     print("\nchecks:")
     for c in checks:

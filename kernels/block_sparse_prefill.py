@@ -23,8 +23,8 @@ _BIG = tl.constexpr(1 << 30)  # "no limit" for sink / local / sliding_window: la
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim. D=128: the fastest of
 # benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 32K, dense + 50% streaming:
-# 28.3 ms; (128, 128, 8, 2) 31.5, (128, 64, 8, 2) 35.3, (128, 64, 4, 3) 45.7). D=64: not swept.
-# Any entry is correct; they only differ in speed.
+# 27.17 ms; (128, 64, 8, 4) 27.35, (128, 128, 8, 3) 28.72; earlier (128, 128, 8, 2) 31.5,
+# (128, 64, 4, 3) 45.7). D=64: not swept. Any entry is correct; they only differ in speed.
 PREFILL_CONFIG = {
     64: (128, 64, 4, 3),
     128: (128, 64, 8, 3),
@@ -54,10 +54,11 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, s
             kt = tl.load(kt_ptrs)
             v = tl.load(v_ptrs)
         if UPCAST:  # CPU tensors mean the interpreter, whose tl.dot mis-multiplies bf16
-            qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee") * qk_scale
+            qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
         else:
-            qk = tl.dot(q, kt, input_precision=PREC) * qk_scale                      # [M, N]
+            qk = tl.dot(q, kt, input_precision=PREC)                                 # [M, N]
         if MASKED:
+            qk = qk * qk_scale
             diff = qpos[:, None] - kpos[None, :]
             rel = kpos[None, :] - start
             ok = (rel >= 0) & (diff >= 0) & (kpos[None, :] < Skv) & (diff < window)
@@ -65,11 +66,14 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, s
             qk = tl.where(ok, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # row with nothing seen yet
+            p = tl.math.exp2(qk - m_use[:, None])
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # Full block: the scale folds into one FMA per score (qk * scale - m), and the row
+            # max is taken on the raw products (scale > 0), as in the Triton flash tutorial.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(qk - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if UPCAST:

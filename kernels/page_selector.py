@@ -27,8 +27,9 @@ import triton.language as tl
 
 _MIN_CHUNK = 1024  # keys sorted per program in the first top-k round (tests lower it)
 _MAX_THRESHOLD_ROW = 32768  # pages a threshold top-k program holds in registers
-# Launch knobs, the fastest of benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 512K,
-# 4 retrieval heads x 4 queries: "sort" 59.0 us, "auto" 68.2 us; at 128K the two tied).
+# Launch knobs, the fastest of benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 4
+# retrieval heads x 4 queries; 128K / 512K: "sort" 31.0 / 59.1 us, "auto" 29.7 / 68.2,
+# "radix" 33.0 / 120.1: tl.histogram over 8K keys per program is slow there).
 SELECT_PLAN = {
     "score_rows": 32,   # logical pages scored per program
     "score_warps": 4,
@@ -150,6 +151,49 @@ def _threshold_topk_kernel(KEYS, SCRATCH, OUT, P, n_select, stride_row_in, strid
     tl.store(OUT + row * stride_row_out + offs, page, mask=offs < n_select)
 
 
+@triton.jit
+def _radix_topk_kernel(KEYS, SCRATCH, OUT, P, n_select, stride_row_in, stride_row_out,
+                       P_PAD: tl.constexpr, K_PAD: tl.constexpr):
+    """Top n_select (< P) keys of one row by radix select: four passes, each a 256-bin histogram
+    of the next 8 bits of the score (as an unsigned order-preserving integer) among the keys that
+    still tie with the threshold found so far; then the lowest page indices complete the ties,
+    the chosen keys are compacted through SCRATCH and only those are sorted. Same result as
+    _threshold_topk_kernel, with 4 histograms instead of ~45 row-wide reductions."""
+    row = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, P_PAD)
+    ok = idx < P
+    keys = tl.load(KEYS + row * stride_row_in + idx, mask=ok, other=0)
+    u = (keys >> 32) + 2147483648                      # [0, 2^32), same order as the score
+    bins = tl.arange(0, 512)
+    cand = ok
+    need = n_select + tl.zeros([], tl.int32)          # keys still to take among the candidates
+    prefix = tl.zeros([], tl.int64)
+    for p in tl.static_range(4):
+        shift = 24 - 8 * p
+        digit = ((u >> shift) & 255).to(tl.int32)
+        digit = tl.where(cand, digit, 256)             # non-candidates: a bin of their own
+        hist = tl.histogram(digit, 512)
+        n_out = tl.sum(tl.where(bins == 256, hist, 0), 0)
+        ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist - n_out   # candidates with digit >= b
+        ok_b = (bins < 256) & (ge >= need)
+        d = tl.max(tl.where(ok_b, bins, -1), 0)        # the threshold's digit
+        gt = tl.sum(tl.where(bins == d, ge - hist, 0), 0)
+        need = need - gt
+        cand = cand & (digit == d)
+        prefix = prefix | (d.to(tl.int64) << shift)
+    tie = ok & (u == prefix)
+    rank = tl.cumsum(tie.to(tl.int32), 0)
+    chosen = ok & ((u > prefix) | (tie & (rank <= need)))
+    pos = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    tl.store(SCRATCH + row * K_PAD + pos, keys, mask=chosen)
+    tl.debug_barrier()
+    offs = tl.arange(0, K_PAD)
+    best = tl.load(SCRATCH + row * K_PAD + offs, mask=offs < n_select, other=-9223372036854775807)
+    best = tl.sort(best, 0, descending=True)
+    page = 2147483647 - (best & 4294967295)
+    tl.store(OUT + row * stride_row_out + offs, page, mask=offs < n_select)
+
+
 def _scores(q, kmax, kmin, lengths, page_size, logical_page_size, pack, last_inf=True):
     B, Hkv, G, D = q.shape
     NL = kmax.shape[2]
@@ -185,8 +229,9 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select,
     the lower index), padded with indices past the pool when it has fewer than ``n_select``.
 
     q ``[B, Hkv, G, D]`` (after RoPE); kmax, kmin ``[B, Hkv, NL, D]``; lengths ``[B]``.
-    ``topk``: "sort" (chunked sorting) or "auto" (threshold search when fewer slots than pages,
-    else sorting); both give the same result. None: ``SELECT_PLAN["topk"]``."""
+    ``topk``: "sort" (chunked sorting), "auto" (threshold search when fewer slots than pages,
+    else sorting) or "radix" (radix select when fewer slots than pages, else sorting); all give
+    the same result. None: ``SELECT_PLAN["topk"]``."""
     B, Hkv, G, D = q.shape
     n_select = int(n_select)
     if q.dtype == torch.float64:
@@ -211,9 +256,14 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select,
         p_pad = triton.next_power_of_2(P)
         k_pad = triton.next_power_of_2(n_select)
         scratch = torch.empty(rows, k_pad, dtype=torch.int64, device=q.device)
-        _threshold_topk_kernel[(rows,)](keys, scratch, out, P, n_select, P, n_select,
-                                        P_PAD=p_pad, K_PAD=k_pad, IDX_BITS=max(1, p_pad.bit_length()),
-                                        num_warps=8 if p_pad >= 4096 else 4)
+        warps = SELECT_PLAN.get("topk_warps") or (8 if p_pad >= 4096 else 4)
+        if topk == "radix":
+            _radix_topk_kernel[(rows,)](keys, scratch, out, P, n_select, P, n_select,
+                                        P_PAD=p_pad, K_PAD=k_pad, num_warps=warps)
+        else:
+            _threshold_topk_kernel[(rows,)](keys, scratch, out, P, n_select, P, n_select,
+                                            P_PAD=p_pad, K_PAD=k_pad,
+                                            IDX_BITS=max(1, p_pad.bit_length()), num_warps=warps)
         return out
     k_keep = triton.next_power_of_2(n_select)
     chunk = max(_MIN_CHUNK, 2 * k_keep)

@@ -196,7 +196,9 @@ def _summaries(B, Hkv, T, D, lengths, lp, dtype, integer, repeat_pages=0, page_s
 @pytest.mark.parametrize("topk,min_chunk,dtype", [("sort", 16, torch.float32),
                                                   ("sort", 1024, torch.bfloat16),
                                                   ("auto", 1024, torch.float32),
-                                                  ("auto", 1024, torch.bfloat16)])
+                                                  ("auto", 1024, torch.bfloat16),
+                                                  ("radix", 1024, torch.float32),
+                                                  ("radix", 1024, torch.bfloat16)])
 def test_select_pages_exact_with_ties(monkeypatch, topk, min_chunk, dtype):
     """Integer-valued q and keys make every sum exact and ties frequent: the selection must equal
     the reference's stable sort element for element (last page first, ties to the lower page)."""
@@ -245,6 +247,7 @@ def test_select_pages_random_float(monkeypatch):
     assert torch.allclose(scores[fin].double(), ref_scores[fin], rtol=1e-5, atol=1e-4)
     got = PS.select_pages(q, kmax, kmin, L, ps, lp, 9)
     assert torch.equal(got, PS.select_pages(q, kmax, kmin, L, ps, lp, 9, topk="auto"))
+    assert torch.equal(got, PS.select_pages(q, kmax, kmin, L, ps, lp, 9, topk="radix"))
     n_pages = (L + ps - 1) // ps
     last = torch.arange(scores.shape[-1], device=DEV).view(1, -1) == (n_pages - 1).view(-1, 1)
     ranked = torch.sort(scores.masked_fill(last.view(B, 1, 1, -1), float("inf")), dim=-1,
@@ -267,6 +270,7 @@ def test_select_pages_gpu_long_context():
     ref = R.select_pages(q, kmax, kmin, L, ps, lp, 64)
     assert torch.equal(PS.select_pages(q, kmax, kmin, L, ps, lp, 64, topk="auto"), ref)
     assert torch.equal(PS.select_pages(q, kmax, kmin, L, ps, lp, 64, topk="sort"), ref)
+    assert torch.equal(PS.select_pages(q, kmax, kmin, L, ps, lp, 64, topk="radix"), ref)
 
 
 # ---------------------------------------------------------------------------------- decode
@@ -327,6 +331,16 @@ def test_decode_splits(n_split):
     torch.manual_seed(50)
     _check_decode(3, 1, 2, 2, 64, sink=4, local=24, T=128, ps=16, K=6, lengths=[128, 45, 17],
                   n_split=n_split)
+
+
+@pytest.mark.parametrize("n_split", [3, None])
+def test_decode_fused_combine(n_split):
+    """Splits merged inside the decode launch (per-head counters): right twice in a row, so the
+    counters are back at zero after a call."""
+    for seed in (51, 52):
+        torch.manual_seed(seed)
+        _check_decode(3, 1, 2, 2, 64, sink=4, local=24, T=128, ps=16, K=6, lengths=[128, 45, 17],
+                      n_split=n_split, fused_combine=True)
 
 
 def test_decode_only_retrieval_or_only_streaming():
