@@ -156,14 +156,18 @@ class LServeLayer(CacheLayerMixin):
         self.kmax, self.kmin = page_ops.build_summaries(self.pool_k, self.lengths, cfg)
         self.seq_len = S
 
+    # Decode appends grow the pool by this many tokens at a time (whole pages): one copy per
+    # GROWTH tokens amortises the concatenation, while a long prompt is not charged a fraction of
+    # its own size in unused pages.
+    GROWTH = 1024
+
     def _grow(self, needed: int):
-        """Grow the page pool by whole pages (an eighth of its size at least, so appends
-        amortise) and extend the summaries with empty logical pages."""
+        """Grow the page pool by whole pages and extend the summaries with empty logical pages."""
         cfg = self.config
         cap = self.pool_k.shape[2]
         if needed <= cap:
             return
-        new_cap = page_ops.round_up(max(needed, cap + cap // 8), cfg.page_size)
+        new_cap = page_ops.round_up(max(needed, cap + self.GROWTH), cfg.page_size)
         extra = new_cap - cap
         B, Hr, _, D = self.pool_k.shape
         self.pool_k = torch.cat([self.pool_k, self.pool_k.new_zeros(B, Hr, extra, D)], dim=2)
