@@ -1,5 +1,6 @@
 """Head identification: which KV heads may stream (DuoAttention-format patterns)."""
 
 from .patterns import PATTERN_FILE, load_pattern, save_pattern, streaming_mask
+from .probe import probe_heads
 
-__all__ = ["PATTERN_FILE", "load_pattern", "save_pattern", "streaming_mask"]
+__all__ = ["PATTERN_FILE", "load_pattern", "save_pattern", "streaming_mask", "probe_heads"]

@@ -14,6 +14,19 @@ def main(argv=None) -> int:
     demo.add_argument("--tokens", type=int, default=3500, help="prompt length in tokens")
     demo.add_argument("--device", default=None, help="e.g. cuda; default CPU")
 
+    cal = sub.add_parser("calibrate", help="compute a head pattern (full_attention_heads.tsv)")
+    cal.add_argument("--method", choices=["probe"], default="probe",
+                     help="probe: training-free, from attention weights on synthetic passkey prompts")
+    cal.add_argument("--model", default=None,
+                     help="a local Transformers model folder; default: the embedded SmolLM2-135M-Instruct")
+    cal.add_argument("--output", required=True, help="folder (or .tsv path) to write the pattern to")
+    cal.add_argument("--lengths", type=int, nargs="+", default=[2000, 3000], help="prompt lengths (tokens)")
+    cal.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    cal.add_argument("--seeds", type=int, default=1, help="prompts per length and depth")
+    cal.add_argument("--sink", type=int, default=128, help="the streaming window's sink tokens")
+    cal.add_argument("--local", type=int, default=256, help="the streaming window's local tokens")
+    cal.add_argument("--device", default=None)
+
     bench = sub.add_parser("bench", help="GPU benchmarks")
     bench.add_argument("what", choices=["kernels", "e2e"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -22,10 +35,37 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from .demo import run_demo
         return 0 if run_demo(n_tokens=args.tokens, device=args.device) else 1
+    if args.command == "calibrate":
+        return calibrate(args)
     if args.command == "bench":
         from importlib import import_module
         return import_module("lserve_hf.benchmarks.bench_" + args.what).main(args.rest) or 0
     return 2
+
+
+def calibrate(args) -> int:
+    import time
+
+    from .calibration import probe_heads, save_pattern
+    from .embedded import load_embedded_model
+
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+        if args.device:
+            model = model.to(args.device)
+    else:
+        model, tok = load_embedded_model(device=args.device)
+    t0 = time.perf_counter()
+    scores = probe_heads(model, tok, lengths=args.lengths, depths=args.depths, sink=args.sink,
+                         local=args.local, n_seeds=args.seeds)
+    path = save_pattern(scores, args.output, method=args.method, model=args.model or "SmolLM2-135M-Instruct",
+                        lengths=args.lengths, depths=args.depths, seeds=args.seeds, sink_size=args.sink,
+                        recent_size=args.local, seconds=round(time.perf_counter() - t0, 1))
+    print(f"wrote {path} ({scores.shape[0]} layers x {scores.shape[1]} KV heads)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,444 @@
+"""Training-free head probe: which KV heads retrieve from outside the sink + local window.
+
+DuoAttention learns its head scores with gates trained on synthetic passkey data. This probe gets a
+usable pattern in a minute of CPU instead, from the attention weights of the unpatched model:
+
+1. Prompts: synthetic passkey prompts (``lserve_hf.passkey``) at several lengths, depths and seeds,
+   with the passkey itself appended as the answer (teacher forcing), so one prefill per prompt
+   shows the model *while it retrieves*.
+2. Rows: only the query positions that predict the answer's tokens (the last prompt token and the
+   answer's tokens but the last) are looked at. Their softmax weights are recomputed in float32 from
+   the layer's own (post-RoPE) queries and keys, exactly eager attention's weights, inside an
+   attention function that otherwise runs SDPA: memory stays ``heads x rows x context`` per layer,
+   never the ``heads x context x context`` of ``output_attentions=True``.
+3. Signal per query head (``metric``): ``mass`` (default) = ``needle_weight`` x attention mass on
+   the needle's tokens + the rest x mass outside the sink + local window. ``deviation`` = what streaming that head alone
+   would change in the layer's attention output at those rows: ``||W_o,h (o_full - o_stream)||``
+   divided by ``||attention output||``, with ``o_stream`` the softmax restricted to the first
+   ``sink`` tokens and the last ``local`` ones (exact for the head, first order for the model).
+   ``far`` / ``needle`` = one of the two masses alone. A KV head takes the max over the query heads of its GQA group
+   (one retrieving query head makes the whole group need full KV).
+4. Score = the signal averaged over prompts, divided by its maximum: ``[num_layers,
+   num_kv_heads]`` in [0, 1], higher = keep dense (retrieval head).
+
+Deterministic for a given seed (prompts are seeded; the forward passes are deterministic on CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PROBE_ATTN = "lserve_probe"
+
+
+@dataclass
+class ProbePrompt:
+    """One pre-tokenized probe prompt.
+
+    input_ids: 1-D token ids (prompt followed by the answer, if any).
+    n_query: how many final positions are the query rows looked at (e.g. the positions that predict
+        the answer's tokens).
+    needle: token positions of the needle (a slice, or a sequence of indices), or None when the prompt
+        has no needle: then only the ``far`` mass is measured.
+    answer: the ``n_query`` token ids the query rows should predict (for ``metric="gradient"``);
+        None: the fed tokens after each query row, and the model's own greedy token for the last.
+    """
+
+    input_ids: torch.Tensor
+    n_query: int = 8
+    needle: slice | Sequence[int] | None = None
+    answer: Sequence[int] | None = None
+
+
+class _Recorder:
+    """Accumulates per-layer, per-query-head masses for the current prompt."""
+
+    def __init__(self, sink: int, local: int):
+        self.sink, self.local = sink, local
+        self.n_query = 1
+        self.needle_idx: torch.Tensor | None = None
+        self.far: dict[int, torch.Tensor] = {}
+        self.needle: dict[int, torch.Tensor] = {}
+        self.dev: dict[int, torch.Tensor] = {}
+
+    def record(self, module, query, key, value, attention_mask, scaling):
+        # query [B, Hq, S, D], key [B, Hkv, K, D] (post-RoPE, this forward's full context)
+        B, Hq, S, D = query.shape
+        Hkv, K = key.shape[1], key.shape[2]
+        r = min(self.n_query, S)
+        q = query[:, :, S - r:].float()
+        k = key.float().repeat_interleave(Hq // Hkv, dim=1)
+        scale = scaling if scaling is not None else D ** -0.5
+        logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hq, r, K]
+        q_pos = torch.arange(K - r, K, device=q.device)[:, None]
+        k_pos = torch.arange(K, device=q.device)[None, :]
+        allowed = k_pos <= q_pos  # causal
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+            m = attention_mask[..., -r:, -K:]
+            if m.dtype == torch.bool:
+                allowed = allowed & m
+            else:
+                logits = logits + m.float()
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        w = torch.softmax(logits, dim=-1)
+        near = (k_pos < self.sink) | (k_pos > q_pos - self.local)  # sink + local window (incl. self)
+        far = (w * (~near & allowed)).sum(-1).mean(-1)  # [B, Hq]
+        idx = module.layer_idx
+        self.far[idx] = far.mean(0).cpu()
+        # deviation: what streaming this head would change in the layer's output at these rows,
+        # ||W_o,h (o_full - o_stream)|| relative to ||attention output of the layer||
+        v = value.float().repeat_interleave(Hq // Hkv, dim=1)
+        o_full = torch.matmul(w, v)  # [B, Hq, r, D]
+        w_near = torch.softmax(logits.masked_fill(~near, float("-inf")), dim=-1)
+        delta = o_full - torch.matmul(w_near, v)
+        wo = getattr(module, "o_proj", None)
+        if wo is not None and wo.weight.shape[1] == Hq * D:
+            wo = wo.weight.float().view(-1, Hq, D)  # [hidden, Hq, D]
+            per_head = torch.einsum("bhrd,ohd->bhro", delta, wo).norm(dim=-1)  # [B, Hq, r]
+            total = torch.einsum("bhrd,ohd->bro", o_full, wo).norm(dim=-1)  # [B, r]
+        else:
+            per_head, total = delta.norm(dim=-1), o_full.norm(dim=-1).sum(1)
+        self.dev[idx] = (per_head / total[:, None].clamp_min(1e-12)).mean(-1).mean(0).cpu()
+        if self.needle_idx is not None:
+            nd = w[..., self.needle_idx.to(w.device)].sum(-1).mean(-1)
+            self.needle[idx] = nd.mean(0).cpu()
+
+
+_ACTIVE: list[_Recorder] = []
+
+
+def _probe_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    if _ACTIVE:
+        _ACTIVE[-1].record(module, query, key, value, attention_mask, scaling)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(PROBE_ATTN, _probe_attention)
+AttentionMaskInterface.register(PROBE_ATTN, sdpa_mask)
+
+
+GATE_ATTN = "lserve_probe_gate"
+
+
+class _Gate:
+    """Per-(layer, KV head) gate between full causal attention and sink + local streaming attention:
+    ``out = alpha * full + (1 - alpha) * stream``, written ``full + (alpha - 1) * (full - stream)``
+    with the difference detached: exact in value, and at alpha = 1 exact in gradient too (the
+    streaming branch has weight 0 there, so nothing flows through it), so only the full branch
+    (memory-efficient SDPA) is differentiated."""
+
+    def __init__(self, alpha: torch.Tensor, sink: int, local: int, query_block: int = 512):
+        self.alpha, self.sink, self.local, self.query_block = alpha, sink, local, query_block
+        self.seen: set[int] = set()
+
+    @torch.no_grad()
+    def stream_minus_full(self, query, key, value, full, scaling):
+        # query [B, Hq, S, D]; key/value [B, Hkv, K, D]; full [B, S, Hq, D] -> (full - stream) rows
+        B, Hq, S, D = query.shape
+        K = key.shape[2]
+        g = Hq // key.shape[1]
+        diff = torch.zeros_like(full, dtype=torch.float32)
+        first = max(0, self.sink + self.local - (K - S))  # earlier rows see everything either way
+        if first >= S:
+            return diff
+        k = key.float().repeat_interleave(g, dim=1)
+        v = value.float().repeat_interleave(g, dim=1)
+        kpos = torch.arange(K, device=query.device)[None, :]
+        for s0 in range(first, S, self.query_block):
+            s1 = min(S, s0 + self.query_block)
+            qpos = torch.arange(s0, s1, device=query.device)[:, None] + (K - S)
+            allowed = (kpos <= qpos) & ((kpos < self.sink) | (qpos - kpos < self.local))
+            logits = torch.matmul(query[:, :, s0:s1].float(), k.transpose(-1, -2)) * scaling
+            w = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+            stream = torch.matmul(w, v).transpose(1, 2)  # [B, rows, Hq, D]
+            diff[:, s0:s1] = full[:, s0:s1].detach().float() - stream
+        return diff
+
+
+_GATES: list[_Gate] = []
+
+
+def _gate_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    out, w = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if not _GATES:
+        return out, w
+    gate = _GATES[-1]
+    idx = module.layer_idx
+    gate.seen.add(idx)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    diff = gate.stream_minus_full(query, key, value, out, scale)
+    Hq, Hkv = query.shape[1], key.shape[1]
+    a = gate.alpha[idx].to(out.device, torch.float32).repeat_interleave(Hq // Hkv).view(1, 1, Hq, 1)
+    return out + ((a - 1) * diff).to(out.dtype), w
+
+
+AttentionInterface.register(GATE_ATTN, _gate_attention)
+AttentionMaskInterface.register(GATE_ATTN, sdpa_mask)
+
+
+def _answer_logprob(model, ids, n_query, answer, alpha_gate):
+    """Sum over the query rows of log p(target token); differentiable in the gate's alpha."""
+    out = model(input_ids=ids, use_cache=False, logits_to_keep=n_query)
+    logp = torch.log_softmax(out.logits[0, -n_query:].float(), dim=-1)  # [r, V]
+    if answer is not None:
+        tgt = torch.as_tensor(list(answer)[-n_query:], dtype=torch.long, device=logp.device)
+    else:  # the fed continuation, and the model's own greedy pick for the last row
+        fed = ids[0, ids.shape[1] - n_query + 1:]
+        tgt = torch.cat([fed, logp[-1:].detach().argmax(-1)])
+    return logp.gather(-1, tgt[:, None]).sum()
+
+
+def _probe_gradient(model, prompts, sink, local, progress, refine, refine_sparsity, reduce):
+    """DuoAttention's gate gradient at initialisation; optional exact re-ranking near the threshold."""
+    cfg = model.config
+    n_layers, n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    device = next(model.parameters()).device
+    grads = torch.zeros(len(prompts), n_layers, n_kv, dtype=torch.float64)
+    dense_logp = torch.zeros(len(prompts), dtype=torch.float64)
+    previous = getattr(cfg, "_attn_implementation", None)
+    was_training = model.training
+    req = [p.requires_grad for p in model.parameters()]
+    _set_attn(model, GATE_ATTN)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    from tqdm.auto import tqdm
+
+    try:
+        for i, p in enumerate(tqdm(prompts, desc="probing heads (gate gradient)", disable=not progress)):
+            ids = p.input_ids.reshape(1, -1).to(device)
+            r = max(1, int(p.n_query))
+            alpha = torch.ones(n_layers, n_kv, dtype=torch.float32, device=device, requires_grad=True)
+            gate = _Gate(alpha, sink, local)
+            _GATES.append(gate)
+            try:
+                with torch.enable_grad():
+                    lp = _answer_logprob(model, ids, r, p.answer, gate)
+                    (g,) = torch.autograd.grad(lp, alpha)
+            finally:
+                _GATES.remove(gate)
+            if len(gate.seen) != n_layers:
+                raise RuntimeError(f"The probe saw {len(gate.seen)} of {n_layers} attention layers: "
+                                   "this model does not route attention through AttentionInterface.")
+            grads[i] = g.detach().double().cpu()
+            dense_logp[i] = float(lp.detach())
+        per_prompt = grads.clamp_min(0) if reduce == "relu" else grads
+        signal = per_prompt.mean(0)
+        refined = None
+        if refine > 0:
+            signal, refined = _refine(model, prompts, signal, sink, local, refine, refine_sparsity,
+                                      dense_logp, device, progress)
+    finally:
+        _set_attn(model, previous)
+        model.train(was_training)
+        for p, rq in zip(model.parameters(), req):
+            p.requires_grad_(rq)
+    return signal, grads, dense_logp, refined
+
+
+@torch.no_grad()
+def _refine(model, prompts, signal, sink, local, n, sparsity, dense_logp, device, progress):
+    """Exact re-ranking of the ``n`` heads nearest the ``sparsity`` threshold: with the first-order
+    streaming set (minus the candidates) streaming, stream each candidate alone and measure the mean
+    drop of the answer log-prob over the prompts; candidates keep their rank band, reordered."""
+    from tqdm.auto import tqdm
+
+    n_layers, n_kv = signal.shape
+    flat = signal.flatten()
+    order = torch.argsort(flat, stable=True)  # ascending: the first ones stream
+    n_stream = int(round(sparsity * flat.numel()))
+    lo, hi = max(0, n_stream - n // 2), min(flat.numel(), n_stream + (n - n // 2))
+    cand = order[lo:hi]
+    base = torch.ones(flat.numel())
+    base[order[:lo]] = 0.0  # surely streaming
+    drops = torch.zeros(len(cand), dtype=torch.float64)
+
+    def logp_with(alpha_flat):
+        tot = 0.0
+        for p in prompts:
+            gate = _Gate(alpha_flat.view(n_layers, n_kv).to(device), sink, local)
+            _GATES.append(gate)
+            try:
+                tot += float(_answer_logprob(model, p.input_ids.reshape(1, -1).to(device),
+                                             max(1, int(p.n_query)), p.answer, gate))
+            finally:
+                _GATES.remove(gate)
+        return tot / len(prompts)
+
+    ref = logp_with(base)
+    for j, h in enumerate(tqdm(cand.tolist(), desc="refining heads", disable=not progress)):
+        a = base.clone()
+        a[h] = 0.0
+        drops[j] = ref - logp_with(a)
+    # candidates keep the score band [lo, hi) of the ranking; order within it by the measured drop
+    band = flat[order[lo:hi]].sort().values
+    new = flat.clone()
+    new[cand[torch.argsort(drops, stable=True)]] = band
+    return new.view(n_layers, n_kv), {"candidates": cand, "drops": drops, "base_logp": ref}
+
+
+def _set_attn(model, name):
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, AttributeError):
+        for m in model.modules():
+            cfg = getattr(m, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = name
+
+
+def passkey_probe_prompts(tokenizer, lengths: Iterable[int], depths: Iterable[float],
+                          seeds: Iterable[int] = (0,)) -> list[ProbePrompt]:
+    """Passkey prompts (no chat template) with the answer appended; query rows are the positions
+    that predict the answer's tokens; needle = the tokens of the sentence holding the passkey."""
+    from lserve_hf.passkey import passkey_prompt
+
+    out = []
+    for seed in seeds:
+        for n in lengths:
+            for d in depths:
+                p = passkey_prompt(tokenizer, int(n), float(d), seed=int(seed), chat=False)
+                prompt_ids = tokenizer(p.text, add_special_tokens=False, return_offsets_mapping=True)
+                answer_ids = tokenizer(" " + p.passkey, add_special_tokens=False).input_ids
+                # the rows that predict the answer: the last prompt token and all answer tokens but
+                # the last (which predicts nothing of the answer, so it is not fed)
+                ids = list(prompt_ids.input_ids) + list(answer_ids[:-1])
+                # needle: "The pass key is N. Remember it. N is the pass key." (first two N's)
+                c0 = p.text.index(" The pass key is " + p.passkey)
+                c1 = p.text.index(p.passkey + " is the pass key", c0) + len(p.passkey + " is the pass key.")
+                needle = [i for i, (a, b) in enumerate(prompt_ids.offset_mapping) if b > c0 and a < c1]
+                out.append(ProbePrompt(torch.tensor(ids), n_query=len(answer_ids), needle=needle,
+                                       answer=list(answer_ids)))
+    return out
+
+
+@torch.no_grad()
+def probe_heads(model, tokenizer=None, lengths: Sequence[int] = (2000, 3000),
+                depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), sink: int = 128,
+                local: int = 256, seed: int = 0, n_seeds: int = 1, metric: str = "mass",
+                needle_weight: float = 0.5, group_reduce: str = "max", prompts: Iterable[ProbePrompt | torch.Tensor] | None = None,
+                progress: bool = True, return_details: bool = False):
+    """Score every KV head by how much it retrieves from outside the sink + local window.
+
+    Args:
+        model: an unpatched Transformers causal LM (Llama, Mistral, Qwen2, ...); any attention
+            implementation, restored afterwards. Run on its own device and dtype.
+        tokenizer: builds the passkey prompts (``lengths`` x ``depths`` x ``n_seeds`` of them,
+            seeds ``seed .. seed + n_seeds - 1``). Not needed when ``prompts`` is given.
+        lengths, depths: prompt lengths in tokens and needle depths (0..1). Lengths should exceed
+            ``sink + local`` by far, or no needle is outside the window.
+        sink, local: the streaming window the scores are about (the patch's ``decode_sink`` /
+            ``decode_local``; LServe's published decode window is 128 / 256).
+        metric: "mass" (default): ``needle_weight`` x needle mass + (1 - ``needle_weight``) x mass
+            outside the window (each max-normalised; the far mass alone when no prompt has a
+            needle); "far" / "needle": one of the two;
+            "deviation": how much streaming the head would change the layer's attention output at
+            the query rows. On SmolLM2-135M none of them was clearly better than another.
+        needle_weight: weight of the needle mass for ``metric="mass"`` (0..1).
+        group_reduce: "max" or "mean" over the query heads of a GQA group.
+        prompts: pre-tokenized prompts instead of passkey ones: ``ProbePrompt``s or 1-D id tensors
+            (for a bare tensor the last 8 positions are the query rows and there is no needle).
+        progress: tqdm bar over prompts.
+        return_details: also return a dict with the unnormalised ``far``, ``needle`` and
+            ``deviation`` matrices ``[num_layers, num_kv_heads]`` and the runtime.
+
+    Returns: float32 tensor ``[num_layers, num_kv_heads]`` in [0, 1] (max-normalised; higher means
+    keep the head dense), ready for ``save_pattern`` / ``patch_model(head_pattern=...)``.
+    """
+    if metric not in ("deviation", "mass", "far", "needle"):
+        raise ValueError(f"metric={metric!r} must be 'deviation', 'mass', 'far' or 'needle'.")
+    if group_reduce not in ("max", "mean"):
+        raise ValueError(f"group_reduce={group_reduce!r} must be 'max' or 'mean'.")
+    if not 0.0 <= needle_weight <= 1.0:
+        raise ValueError(f"needle_weight={needle_weight} must lie in [0, 1].")
+    if getattr(model, "_lserve", None) is not None:
+        raise ValueError("probe_heads needs the unpatched model: call unpatch_model(model) first.")
+    if prompts is None:
+        if tokenizer is None:
+            raise ValueError("probe_heads needs a tokenizer to build passkey prompts, or prompts=.")
+        prompts = passkey_probe_prompts(tokenizer, lengths, depths, range(seed, seed + n_seeds))
+    prompts = [p if isinstance(p, ProbePrompt) else ProbePrompt(torch.as_tensor(p)) for p in prompts]
+    if not prompts:
+        raise ValueError("probe_heads got no prompts.")
+
+    cfg = model.config
+    n_layers, n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    device = next(model.parameters()).device
+    far_sum = torch.zeros(n_layers, n_kv, dtype=torch.float64)
+    needle_sum = torch.zeros(n_layers, n_kv, dtype=torch.float64)
+    dev_sum = torch.zeros(n_layers, n_kv, dtype=torch.float64)
+    n_needle = 0
+
+    def group(x):  # [Hq] -> [Hkv]
+        g = x.view(n_kv, -1).double()
+        return g.amax(-1) if group_reduce == "max" else g.mean(-1)
+
+    rec = _Recorder(sink, local)
+    previous = getattr(cfg, "_attn_implementation", None)
+    was_training = model.training
+    t0 = time.perf_counter()
+    _set_attn(model, PROBE_ATTN)
+    _ACTIVE.append(rec)
+    model.eval()
+    try:
+        from tqdm.auto import tqdm
+
+        for p in tqdm(prompts, desc="probing heads", disable=not progress):
+            ids = p.input_ids.reshape(1, -1).to(device)
+            rec.n_query = max(1, int(p.n_query))
+            rec.far.clear()
+            rec.needle.clear()
+            rec.dev.clear()
+            if p.needle is not None:
+                nd = torch.arange(ids.shape[1])[p.needle] if isinstance(p.needle, slice) \
+                    else torch.as_tensor(list(p.needle), dtype=torch.long)
+                rec.needle_idx = nd
+            else:
+                rec.needle_idx = None
+            model(input_ids=ids, use_cache=False)
+            if len(rec.far) != n_layers:
+                raise RuntimeError(f"The probe saw {len(rec.far)} of {n_layers} attention layers: "
+                                   "this model does not route attention through AttentionInterface.")
+            for i in range(n_layers):
+                far_sum[i] += group(rec.far[i])
+                dev_sum[i] += group(rec.dev[i])
+                if rec.needle_idx is not None:
+                    needle_sum[i] += group(rec.needle[i])
+            n_needle += rec.needle_idx is not None
+    finally:
+        _ACTIVE.remove(rec)
+        _set_attn(model, previous)
+        model.train(was_training)
+    runtime = time.perf_counter() - t0
+
+    far = far_sum / len(prompts)
+    dev = dev_sum / len(prompts)
+    needle = needle_sum / max(n_needle, 1)
+    if metric == "needle" and not n_needle:
+        raise ValueError(f"metric={metric!r} needs prompts with a needle.")
+
+    def unit(x):
+        return x / x.max().clamp_min(1e-12)
+
+    if metric == "deviation":
+        score = unit(dev)
+    elif metric == "far":
+        score = unit(far)
+    elif metric == "needle":
+        score = unit(needle)
+    else:
+        w = needle_weight if n_needle else 0.0  # prompts without a needle: the far mass alone
+        score = unit(w * unit(needle) + (1 - w) * unit(far))
+    score = score.clamp(0, 1).float()
+    if return_details:
+        return score, {"far": far.float(), "needle": needle.float(), "deviation": dev.float(),
+                       "runtime_s": runtime,
+                       "n_prompts": len(prompts)}
+    return score

@@ -1,0 +1,26 @@
+import subprocess
+import sys
+
+import torch
+
+from lserve_hf.calibration import load_pattern
+from lserve_hf.cli import main
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "lserve_hf.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("demo", "calibrate", "bench"):
+        assert cmd in out.stdout
+
+
+def test_calibrate_probe_writes_a_pattern(embedded, tmp_path, monkeypatch):
+    import lserve_hf.embedded
+
+    monkeypatch.setattr(lserve_hf.embedded, "load_embedded_model", lambda device=None: embedded)
+    rc = main(["calibrate", "--method", "probe", "--output", str(tmp_path / "pat"), "--lengths", "700",
+               "--depths", "0.5", "--sink", "16", "--local", "64"])
+    assert rc == 0
+    scores = load_pattern(tmp_path / "pat")
+    assert scores.shape == (30, 3) and 0 <= scores.min() and scores.max() == 1.0
+    assert torch.isfinite(scores).all() and scores.std() > 0
