@@ -119,11 +119,6 @@ class LServeLayer(CacheLayerMixin):
                    (self.sink_k, self.sink_v, self.ring_k, self.ring_v,
                     self.pool_k, self.pool_v, self.kmax, self.kmin) if t is not None)
 
-    @property
-    def kv_start(self) -> torch.Tensor:
-        """First real slot of each row in the current prefill chunk (left padding)."""
-        return self.pending_kv_start
-
     def _split(self, x):
         st = self.plan.stream_heads.to(x.device)
         rt = self.plan.retrieval_heads.to(x.device)
@@ -156,10 +151,10 @@ class LServeLayer(CacheLayerMixin):
         self.kmax, self.kmin = page_ops.build_summaries(self.pool_k, self.lengths, cfg)
         self.seq_len = S
 
-    # Decode appends grow the pool by this many tokens at a time (whole pages): one copy per
-    # GROWTH tokens amortises the concatenation, while a long prompt is not charged a fraction of
-    # its own size in unused pages.
-    GROWTH = 1024
+    # Decode appends grow the pool geometrically (an eighth) up to this many tokens at a time, in
+    # whole pages: the concatenations amortise, and a long prompt is not charged a fraction of its
+    # own size in unused pages.
+    MAX_GROWTH = 1024
 
     def _grow(self, needed: int):
         """Grow the page pool by whole pages and extend the summaries with empty logical pages."""
@@ -167,7 +162,7 @@ class LServeLayer(CacheLayerMixin):
         cap = self.pool_k.shape[2]
         if needed <= cap:
             return
-        new_cap = page_ops.round_up(max(needed, cap + self.GROWTH), cfg.page_size)
+        new_cap = page_ops.round_up(max(needed, cap + min(cap // 8, self.MAX_GROWTH)), cfg.page_size)
         extra = new_cap - cap
         B, Hr, _, D = self.pool_k.shape
         self.pool_k = torch.cat([self.pool_k, self.pool_k.new_zeros(B, Hr, extra, D)], dim=2)
@@ -183,7 +178,6 @@ class LServeLayer(CacheLayerMixin):
         pos = self.lengths.view(B, 1) + torch.arange(S, device=k.device).view(1, S)   # [B, S]
         ks, kr = self._split(k)
         vs, vr = self._split(v)
-        self.positions_before = self.lengths
         if self.pool_k.shape[1]:
             self._grow(self.max_length + S)
             idx = pos.view(B, 1, S, 1).expand(B, kr.shape[1], S, D)
