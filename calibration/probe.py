@@ -11,13 +11,20 @@ usable pattern in a minute of CPU instead, from the attention weights of the unp
    the layer's own (post-RoPE) queries and keys, exactly eager attention's weights, inside an
    attention function that otherwise runs SDPA: memory stays ``heads x rows x context`` per layer,
    never the ``heads x context x context`` of ``output_attentions=True``.
-3. Signal per query head (``metric``): ``mass`` (default) = ``needle_weight`` x attention mass on
+3. Signal per query head (``metric``): ``mass`` = ``needle_weight`` x attention mass on
    the needle's tokens + the rest x mass outside the sink + local window. ``deviation`` = what streaming that head alone
    would change in the layer's attention output at those rows: ``||W_o,h (o_full - o_stream)||``
    divided by ``||attention output||``, with ``o_stream`` the softmax restricted to the first
    ``sink`` tokens and the last ``local`` ones (exact for the head, first order for the model).
    ``far`` / ``needle`` = one of the two masses alone. A KV head takes the max over the query heads of its GQA group
    (one retrieving query head makes the whole group need full KV).
+   ``gradient`` (default; per KV head): DuoAttention's gate gradient at initialisation. Every layer's attention output
+   becomes ``alpha * full + (1 - alpha) * stream`` per KV head (``stream`` = the softmax restricted
+   to the first ``sink`` and the last ``local`` keys), with ``alpha = 1`` (so the model is unchanged);
+   one forward + backward gives ``g = d log p(answer) / d alpha``, to first order the log-prob the
+   answer loses when that head streams. Signal = mean over prompts of ``max(g, 0)`` (``grad_reduce=
+   "relu"``) or of ``g`` (``"mean"``). Optionally (``refine=n``) the ``n`` heads nearest the
+   ``refine_sparsity`` threshold are re-ranked by the measured log-prob drop of streaming each.
 4. Score = the signal averaged over prompts, divided by its maximum: ``[num_layers,
    num_kv_heads]`` in [0, 1], higher = keep dense (retrieval head).
 
@@ -148,12 +155,17 @@ class _Gate:
         first = max(0, self.sink + self.local - (K - S))  # earlier rows see everything either way
         if first >= S:
             return diff
-        k = key.float().repeat_interleave(g, dim=1)
-        v = value.float().repeat_interleave(g, dim=1)
-        kpos = torch.arange(K, device=query.device)[None, :]
+        k_all = key.float().repeat_interleave(g, dim=1)
+        v_all = value.float().repeat_interleave(g, dim=1)
         for s0 in range(first, S, self.query_block):
             s1 = min(S, s0 + self.query_block)
+            # only the sink keys and the keys of the block's local band can be seen
+            band0 = max(self.sink, s0 + (K - S) - self.local + 1)
+            kpos = torch.cat([torch.arange(min(self.sink, K), device=query.device),
+                              torch.arange(band0, s1 + (K - S), device=query.device)])
+            k, v = k_all[:, :, kpos], v_all[:, :, kpos]
             qpos = torch.arange(s0, s1, device=query.device)[:, None] + (K - S)
+            kpos = kpos[None, :]
             allowed = (kpos <= qpos) & ((kpos < self.sink) | (qpos - kpos < self.local))
             logits = torch.matmul(query[:, :, s0:s1].float(), k.transpose(-1, -2)) * scaling
             w = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
@@ -319,12 +331,12 @@ def passkey_probe_prompts(tokenizer, lengths: Iterable[int], depths: Iterable[fl
     return out
 
 
-@torch.no_grad()
 def probe_heads(model, tokenizer=None, lengths: Sequence[int] = (2000, 3000),
                 depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), sink: int = 128,
-                local: int = 256, seed: int = 0, n_seeds: int = 1, metric: str = "mass",
+                local: int = 256, seed: int = 0, n_seeds: int = 1, metric: str = "gradient",
                 needle_weight: float = 0.5, group_reduce: str = "max", prompts: Iterable[ProbePrompt | torch.Tensor] | None = None,
-                progress: bool = True, return_details: bool = False):
+                progress: bool = True, return_details: bool = False, grad_reduce: str = "relu",
+                refine: int = 0, refine_sparsity: float = 0.5):
     """Score every KV head by how much it retrieves from outside the sink + local window.
 
     Args:
@@ -336,24 +348,35 @@ def probe_heads(model, tokenizer=None, lengths: Sequence[int] = (2000, 3000),
             ``sink + local`` by far, or no needle is outside the window.
         sink, local: the streaming window the scores are about (the patch's ``decode_sink`` /
             ``decode_local``; LServe's published decode window is 128 / 256).
-        metric: "mass" (default): ``needle_weight`` x needle mass + (1 - ``needle_weight``) x mass
+        metric: "gradient" (default; see below); "mass": ``needle_weight`` x needle mass + (1 - ``needle_weight``) x mass
             outside the window (each max-normalised; the far mass alone when no prompt has a
             needle); "far" / "needle": one of the two;
             "deviation": how much streaming the head would change the layer's attention output at
-            the query rows. On SmolLM2-135M none of them was clearly better than another.
+            the query rows; "gradient": the gate gradient of the answer's log-prob (module doc,
+            step 3; one forward + backward per prompt, about 3x the cost of the others).
         needle_weight: weight of the needle mass for ``metric="mass"`` (0..1).
         group_reduce: "max" or "mean" over the query heads of a GQA group.
         prompts: pre-tokenized prompts instead of passkey ones: ``ProbePrompt``s or 1-D id tensors
             (for a bare tensor the last 8 positions are the query rows and there is no needle).
         progress: tqdm bar over prompts.
         return_details: also return a dict with the unnormalised ``far``, ``needle`` and
-            ``deviation`` matrices ``[num_layers, num_kv_heads]`` and the runtime.
+            ``deviation`` matrices ``[num_layers, num_kv_heads]`` and the runtime (for "gradient":
+            ``gradient`` ``[n_prompts, num_layers, num_kv_heads]``, ``dense_logp``, ``signal``,
+            ``refined``).
+        grad_reduce: "relu" (mean of ``max(g, 0)``) or "mean" (mean of ``g``), for "gradient".
+        refine, refine_sparsity: for "gradient", re-rank the ``refine`` heads nearest the
+            ``refine_sparsity`` quantile by the measured drop (``refine`` x ``n_prompts`` extra
+            forwards); 0 (default) = first order only.
 
     Returns: float32 tensor ``[num_layers, num_kv_heads]`` in [0, 1] (max-normalised; higher means
     keep the head dense), ready for ``save_pattern`` / ``patch_model(head_pattern=...)``.
     """
-    if metric not in ("deviation", "mass", "far", "needle"):
-        raise ValueError(f"metric={metric!r} must be 'deviation', 'mass', 'far' or 'needle'.")
+    if metric not in ("gradient", "deviation", "mass", "far", "needle"):
+        raise ValueError(f"metric={metric!r} must be 'gradient', 'deviation', 'mass', 'far' or 'needle'.")
+    if grad_reduce not in ("relu", "mean"):
+        raise ValueError(f"grad_reduce={grad_reduce!r} must be 'relu' or 'mean'.")
+    if not 0.0 <= refine_sparsity <= 1.0:
+        raise ValueError(f"refine_sparsity={refine_sparsity} must lie in [0, 1].")
     if group_reduce not in ("max", "mean"):
         raise ValueError(f"group_reduce={group_reduce!r} must be 'max' or 'mean'.")
     if not 0.0 <= needle_weight <= 1.0:
@@ -368,6 +391,29 @@ def probe_heads(model, tokenizer=None, lengths: Sequence[int] = (2000, 3000),
     if not prompts:
         raise ValueError("probe_heads got no prompts.")
 
+    if metric == "gradient":
+        t0 = time.perf_counter()
+        signal, grads, dense_logp, refined = _probe_gradient(
+            model, prompts, sink, local, progress, int(refine), refine_sparsity, grad_reduce)
+        runtime = time.perf_counter() - t0
+        lo, hi = signal.min(), signal.max()
+        if grad_reduce == "relu" and refined is None:
+            score = signal.clamp_min(0) / hi.clamp_min(1e-12)
+        else:
+            score = (signal - lo) / (hi - lo).clamp_min(1e-12)
+        score = score.clamp(0, 1).float()
+        if return_details:
+            return score, {"gradient": grads.float(), "dense_logp": dense_logp.float(),
+                           "signal": signal.float(), "refined": refined, "runtime_s": runtime,
+                           "n_prompts": len(prompts)}
+        return score
+    with torch.no_grad():
+        return _probe_attention_metrics(model, prompts, sink, local, metric, needle_weight,
+                                        group_reduce, progress, return_details)
+
+
+def _probe_attention_metrics(model, prompts, sink, local, metric, needle_weight, group_reduce,
+                             progress, return_details):
     cfg = model.config
     n_layers, n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
     device = next(model.parameters()).device

@@ -34,19 +34,20 @@ def _prompts(seed, n=3, length=160):
 
 def test_shape_range_deterministic(tiny):
     before = tiny.config._attn_implementation
-    a = probe_heads(tiny, prompts=_prompts(0), sink=SINK, local=LOCAL, progress=False)
-    b = probe_heads(tiny, prompts=_prompts(0), sink=SINK, local=LOCAL, progress=False)
+    a = probe_heads(tiny, prompts=_prompts(0), sink=SINK, local=LOCAL, metric="mass", progress=False)
+    b = probe_heads(tiny, prompts=_prompts(0), sink=SINK, local=LOCAL, metric="mass", progress=False)
     assert a.shape == (3, 2) and a.dtype == torch.float32
     assert float(a.min()) >= 0.0 and float(a.max()) == pytest.approx(1.0)
     assert torch.equal(a, b)
     assert tiny.config._attn_implementation == before
-    c = probe_heads(tiny, prompts=_prompts(1), sink=SINK, local=LOCAL, progress=False)
+    c = probe_heads(tiny, prompts=_prompts(1), sink=SINK, local=LOCAL, metric="mass", progress=False)
     assert not torch.equal(a, c)
 
 
 def test_bare_tensor_prompts_and_mean_reduce(tiny):
     ids = [p.input_ids for p in _prompts(2)]
-    s = probe_heads(tiny, prompts=ids, sink=SINK, local=LOCAL, group_reduce="mean", progress=False)
+    s = probe_heads(tiny, prompts=ids, sink=SINK, local=LOCAL, metric="mass", group_reduce="mean",
+                    progress=False)
     assert s.shape == (3, 2) and 0.0 <= float(s.min()) <= float(s.max()) <= 1.0
     with pytest.raises(ValueError):
         probe_heads(tiny, progress=False)  # neither tokenizer nor prompts
@@ -54,14 +55,15 @@ def test_bare_tensor_prompts_and_mean_reduce(tiny):
         probe_heads(tiny, prompts=ids, group_reduce="median", progress=False)
     with pytest.raises(ValueError):
         probe_heads(tiny, prompts=ids, metric="needle", progress=False)  # no needle in bare ids
-    for metric in ("mass", "far", "needle"):
-        m = probe_heads(tiny, prompts=_prompts(2), sink=SINK, local=LOCAL, metric=metric, progress=False)
+    for metric in ("mass", "far", "needle", "gradient"):
+        m = probe_heads(tiny, prompts=_prompts(2, n=2), sink=SINK, local=LOCAL, metric=metric, progress=False)
         assert m.shape == (3, 2) and float(m.max()) == pytest.approx(1.0)
 
 
 def test_masses_equal_eager_attention_weights(tiny):
     p = _prompts(3, n=1)[0]
-    _, det = probe_heads(tiny, prompts=[p], sink=SINK, local=LOCAL, progress=False, return_details=True)
+    _, det = probe_heads(tiny, prompts=[p], sink=SINK, local=LOCAL, metric="mass", progress=False,
+                         return_details=True)
     before = tiny.config._attn_implementation
     tiny.set_attn_implementation("eager")
     try:
@@ -125,8 +127,121 @@ def test_passkey_probe_prompts_locate_needle():
 
 
 def test_window_covering_everything_scores_zero(tiny):
-    s, det = probe_heads(tiny, prompts=_prompts(5, n=1), sink=SINK, local=1000, progress=False,
-                         return_details=True)
+    s, det = probe_heads(tiny, prompts=_prompts(5, n=1), sink=SINK, local=1000, metric="mass",
+                         progress=False, return_details=True)
     assert float(det["far"].abs().max()) == 0.0
     assert float(det["deviation"].abs().max()) < 1e-5
     assert float(s.max()) <= 1.0
+
+
+# --- metric="gradient": DuoAttention's gate gradient at alpha = 1 ---------------------------------
+
+
+def _gate_logp(model, p, alpha):
+    from lserve_hf.calibration import probe as P
+
+    before = model.config._attn_implementation
+    P._set_attn(model, P.GATE_ATTN)
+    gate = P._Gate(alpha, SINK, LOCAL)
+    P._GATES.append(gate)
+    try:
+        return P._answer_logprob(model, p.input_ids[None], p.n_query, p.answer, gate)
+    finally:
+        P._GATES.remove(gate)
+        P._set_attn(model, before)
+
+
+def test_gradient_metric_shape_deterministic_restores(tiny):
+    before = tiny.config._attn_implementation
+    req = [q.requires_grad for q in tiny.parameters()]
+    a, det = probe_heads(tiny, prompts=_prompts(0, n=2), sink=SINK, local=LOCAL, metric="gradient",
+                         progress=False, return_details=True)
+    b = probe_heads(tiny, prompts=_prompts(0, n=2), sink=SINK, local=LOCAL, metric="gradient", progress=False)
+    assert a.shape == (3, 2) and a.dtype == torch.float32
+    assert float(a.min()) >= 0.0 and float(a.max()) == pytest.approx(1.0)
+    assert torch.equal(a, b)
+    assert det["gradient"].shape == (2, 3, 2) and det["dense_logp"].shape == (2,)
+    assert tiny.config._attn_implementation == before
+    assert [q.requires_grad for q in tiny.parameters()] == req
+    assert all(q.grad is None for q in tiny.parameters())
+    m = probe_heads(tiny, prompts=_prompts(0, n=2), sink=SINK, local=LOCAL, metric="gradient",
+                    grad_reduce="mean", progress=False)
+    assert m.shape == (3, 2) and float(m.min()) == pytest.approx(0.0) and float(m.max()) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        probe_heads(tiny, prompts=_prompts(0), metric="gradient", grad_reduce="abs", progress=False)
+
+
+def test_gradient_matches_finite_difference(tiny):
+    p = _prompts(6, n=1)[0]
+    p = ProbePrompt(p.input_ids, n_query=5, answer=[7, 8, 9, 10, 11])
+    _, det = probe_heads(tiny, prompts=[p], sink=SINK, local=LOCAL, metric="gradient", progress=False,
+                         return_details=True)
+    g = det["gradient"][0].double()
+    assert float(g.abs().max()) > 0
+    eps = 1e-2
+    with torch.no_grad():
+        base = float(_gate_logp(tiny, p, torch.ones(3, 2)))
+        for layer, head in [(0, 0), (1, 1), (2, 0)]:
+            a = torch.ones(3, 2)
+            a[layer, head] = 1 - eps
+            fd = (base - float(_gate_logp(tiny, p, a))) / eps
+            assert fd == pytest.approx(float(g[layer, head]), rel=0.05, abs=2e-3)
+
+
+def test_gate_streaming_branch_matches_reference(tiny):
+    """alpha = 0 on every head gives the reference prefill with every head streaming."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from lserve_hf.calibration import probe as P
+    from lserve_hf.reference import prefill_attention
+
+    ids = _prompts(7, n=1)[0].input_ids[None]
+
+    def ref_attn(module, q, k, v, mask, scaling=None, **kw):
+        out = prefill_attention(q, k, v, torch.ones(k.shape[1], dtype=torch.bool), SINK, LOCAL, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("test_ref_stream", ref_attn)
+    AttentionMaskInterface.register("test_ref_stream", sdpa_mask)
+    before = tiny.config._attn_implementation
+    logits = {}
+    try:
+        with torch.no_grad():
+            tiny.set_attn_implementation("test_ref_stream")
+            logits["ref"] = tiny(input_ids=ids).logits
+            P._set_attn(tiny, P.GATE_ATTN)
+            for name, a in (("stream", 0.0), ("full", 1.0)):
+                gate = P._Gate(torch.full((3, 2), a), SINK, LOCAL)
+                P._GATES.append(gate)
+                try:
+                    logits[name] = tiny(input_ids=ids).logits
+                finally:
+                    P._GATES.remove(gate)
+    finally:
+        P._set_attn(tiny, before)
+    with torch.no_grad():
+        dense = tiny(input_ids=ids).logits
+    torch.testing.assert_close(logits["stream"], logits["ref"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits["full"], dense, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logits["stream"], dense, atol=1e-3)
+
+
+def test_gradient_zero_when_window_covers_everything(tiny):
+    _, det = probe_heads(tiny, prompts=_prompts(5, n=1), sink=SINK, local=1000, metric="gradient",
+                         progress=False, return_details=True)
+    assert float(det["gradient"].abs().max()) == 0.0
+
+
+def test_gradient_refine_permutes_band(tiny):
+    s0, d0 = probe_heads(tiny, prompts=_prompts(8, n=1), sink=SINK, local=LOCAL, metric="gradient",
+                         grad_reduce="mean", progress=False, return_details=True)
+    s1, d1 = probe_heads(tiny, prompts=_prompts(8, n=1), sink=SINK, local=LOCAL, metric="gradient",
+                         grad_reduce="mean", refine=2, progress=False, return_details=True)
+    assert d1["refined"]["candidates"].numel() == 2 and d1["refined"]["drops"].shape == (2,)
+    # the same set of values, reordered only inside the refined band
+    torch.testing.assert_close(s0.flatten().sort().values, s1.flatten().sort().values)
+    cand = set(d1["refined"]["candidates"].tolist())
+    for i in range(6):
+        if i not in cand:
+            assert float(s0.flatten()[i]) == pytest.approx(float(s1.flatten()[i]))
