@@ -35,7 +35,7 @@ def _run(model, tok, prompt, max_new_tokens):
 def demo_config(model) -> tuple[LServeConfig, str]:
     """Settings scaled to a 135M model with an 8K context: budget 512 instead of 4096, so that a
     ~3.5K prompt really runs the sparse paths."""
-    small = dict(token_budget=512, prefill_sink=64, prefill_local=256, decode_sink=64, decode_local=256)
+    small = dict(token_budget=512, prefill_local=1024, decode_local=256)
     if find_shipped_pattern(model.config) is not None:
         return LServeConfig(streaming_sparsity=0.5, **small), "50% streaming heads (shipped pattern)"
     return LServeConfig(streaming_sparsity=0.0, **small), "page selection only (no head pattern shipped yet)"
@@ -46,8 +46,8 @@ def run_demo(n_tokens: int = 3500, depths=(0.3, 0.5, 0.7), max_new_tokens: int =
     config, what = demo_config(model)
     prompts = [passkey_prompt(tok, n_tokens, d, chat=False) for d in depths]
     print(f"Passkey retrieval, SmolLM2-135M-Instruct, ~{prompts[0].n_tokens} tokens, "
-          f"LServe: {what}, budget {config.token_budget}, decode sink/local "
-          f"{config.decode_sink}/{config.decode_local}")
+          f"LServe: {what}, budget {config.token_budget}, sink {config.decode_sink}, local "
+          f"{config.prefill_local} (prefill) / {config.decode_local} (decode)")
     rows = []
     for p in tqdm(prompts, desc="passkey prompts"):
         unpatch_model(model)
