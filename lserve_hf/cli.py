@@ -27,6 +27,10 @@ def main(argv=None) -> int:
     cal.add_argument("--local", type=int, default=256, help="the streaming window's local tokens")
     cal.add_argument("--device", default=None)
 
+    ev = sub.add_parser("eval", help="offline long-context accuracy: dense vs LServe vs baselines",
+                        add_help=False)
+    ev.add_argument("rest", nargs=argparse.REMAINDER)
+
     bench = sub.add_parser("bench", help="GPU benchmarks")
     bench.add_argument("what", choices=["kernels", "e2e"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -36,6 +40,9 @@ def main(argv=None) -> int:
         from .demo import run_demo
         run_demo(n_tokens=args.tokens, device=args.device)   # prints its own verdict
         return 0
+    if args.command == "eval":
+        from .evaluation import main as eval_main
+        return eval_main(args.rest) or 0
     if args.command == "calibrate":
         return calibrate(args)
     if args.command == "bench":

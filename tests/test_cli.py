@@ -10,7 +10,7 @@ from lserve_hf.cli import main
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "lserve_hf.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for cmd in ("demo", "calibrate", "bench"):
+    for cmd in ("demo", "calibrate", "eval", "bench"):
         assert cmd in out.stdout
 
 
