@@ -1,4 +1,4 @@
-"""Command line: `lserve-hf demo | calibrate | bench`."""
+"""Command line: `lserve-hf demo | calibrate | eval | bench`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,14 @@ import sys
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # eval and bench own their flags (--help included): hand them everything after the command
+    if argv[:1] == ["eval"]:
+        from .evaluation import main as eval_main
+        return eval_main(argv[1:]) or 0
+    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in ("kernels", "e2e"):
+        from importlib import import_module
+        return import_module("lserve_hf.benchmarks.bench_" + argv[1]).main(argv[2:]) or 0
     parser = argparse.ArgumentParser(prog="lserve-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -27,27 +35,19 @@ def main(argv=None) -> int:
     cal.add_argument("--local", type=int, default=256, help="the streaming window's local tokens")
     cal.add_argument("--device", default=None)
 
-    ev = sub.add_parser("eval", help="offline long-context accuracy: dense vs LServe vs baselines",
-                        add_help=False)
-    ev.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("eval", help="offline long-context accuracy: dense vs LServe vs baselines "
+                   "(`lserve-hf eval --help`)")
 
     bench = sub.add_parser("bench", help="GPU benchmarks")
-    bench.add_argument("what", choices=["kernels", "e2e"])
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.add_argument("what", choices=["kernels", "e2e"], help="`lserve-hf bench kernels --help`")
 
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
         run_demo(n_tokens=args.tokens, device=args.device)   # prints its own verdict
         return 0
-    if args.command == "eval":
-        from .evaluation import main as eval_main
-        return eval_main(args.rest) or 0
     if args.command == "calibrate":
         return calibrate(args)
-    if args.command == "bench":
-        from importlib import import_module
-        return import_module("lserve_hf.benchmarks.bench_" + args.what).main(args.rest) or 0
     return 2
 
 
