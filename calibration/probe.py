@@ -42,6 +42,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lserve_hf.backend import set_attention_implementation
+
 PROBE_ATTN = "lserve_probe"
 
 
@@ -217,7 +219,7 @@ def _probe_gradient(model, prompts, sink, local, progress, refine, refine_sparsi
     previous = getattr(cfg, "_attn_implementation", None)
     was_training = model.training
     req = [p.requires_grad for p in model.parameters()]
-    _set_attn(model, GATE_ATTN)
+    set_attention_implementation(model, GATE_ATTN)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -248,7 +250,7 @@ def _probe_gradient(model, prompts, sink, local, progress, refine, refine_sparsi
             signal, refined = _refine(model, prompts, signal, sink, local, refine, refine_sparsity,
                                       dense_logp, device, progress)
     finally:
-        _set_attn(model, previous)
+        set_attention_implementation(model, previous)
         model.train(was_training)
         for p, rq in zip(model.parameters(), req):
             p.requires_grad_(rq)
@@ -294,16 +296,6 @@ def _refine(model, prompts, signal, sink, local, n, sparsity, dense_logp, device
     new = flat.clone()
     new[cand[torch.argsort(drops, stable=True)]] = band
     return new.view(n_layers, n_kv), {"candidates": cand, "drops": drops, "base_logp": ref}
-
-
-def _set_attn(model, name):
-    try:
-        model.set_attn_implementation(name)
-    except (ValueError, AttributeError):
-        for m in model.modules():
-            cfg = getattr(m, "config", None)
-            if cfg is not None and hasattr(cfg, "_attn_implementation"):
-                cfg._attn_implementation = name
 
 
 def passkey_probe_prompts(tokenizer, lengths: Iterable[int], depths: Iterable[float],
@@ -430,7 +422,7 @@ def _probe_attention_metrics(model, prompts, sink, local, metric, needle_weight,
     previous = getattr(cfg, "_attn_implementation", None)
     was_training = model.training
     t0 = time.perf_counter()
-    _set_attn(model, PROBE_ATTN)
+    set_attention_implementation(model, PROBE_ATTN)
     _ACTIVE.append(rec)
     model.eval()
     try:
@@ -460,7 +452,7 @@ def _probe_attention_metrics(model, prompts, sink, local, metric, needle_weight,
             n_needle += rec.needle_idx is not None
     finally:
         _ACTIVE.remove(rec)
-        _set_attn(model, previous)
+        set_attention_implementation(model, previous)
         model.train(was_training)
     runtime = time.perf_counter() - t0
 

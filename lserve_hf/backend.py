@@ -32,3 +32,15 @@ def use_triton(backend: str, x: torch.Tensor) -> bool:
             f"(tensor on {x.device}, triton available: {kernels.TRITON_AVAILABLE}); "
             "use backend='auto' or 'torch' on this machine.")
     return ok
+
+
+def set_attention_implementation(model, name) -> None:
+    """Switch ``model`` (and its sub-models) to the attention implementation ``name``; older
+    models that refuse ``set_attn_implementation`` get their configs set directly."""
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, AttributeError):
+        for m in model.modules():
+            cfg = getattr(m, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = name

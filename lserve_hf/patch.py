@@ -16,6 +16,7 @@ from lserve_hf.calibration import streaming_mask
 from lserve_hf.calibration.patterns import load_pattern, validate_scores
 from lserve_hf.calibration.shipped import find_shipped_pattern
 
+from .backend import set_attention_implementation
 from .attention import ATTN_NAME, lserve_attention_forward, lserve_mask
 from .cache import LayerPlan, LServeCache
 from .config import LServeConfig
@@ -105,7 +106,7 @@ def patch_model(model, config: LServeConfig | None = None, head_pattern=None):
         state.handles.append(attn.register_forward_pre_hook(_inject_layer, with_kwargs=True))
     state.handles.append(base.register_forward_pre_hook(_ensure_cache, with_kwargs=True))
     model._lserve = base._lserve = state
-    _set_attn(model, ATTN_NAME)
+    set_attention_implementation(model, ATTN_NAME)
     return model
 
 
@@ -121,21 +122,11 @@ def unpatch_model(model):
         for name in ("lserve_plan", "lserve_config"):
             if hasattr(layer.self_attn, name):
                 delattr(layer.self_attn, name)
-    _set_attn(model, state.previous_attn)
+    set_attention_implementation(model, state.previous_attn)
     del model._lserve
     if hasattr(base, "_lserve"):
         del base._lserve
     return model
-
-
-def _set_attn(model, name):
-    try:
-        model.set_attn_implementation(name)
-    except (ValueError, AttributeError):
-        for m in model.modules():
-            cfg = getattr(m, "config", None)
-            if cfg is not None and hasattr(cfg, "_attn_implementation"):
-                cfg._attn_implementation = name
 
 
 def _ensure_cache(module, args, kwargs):

@@ -141,14 +141,14 @@ def _gate_logp(model, p, alpha):
     from lserve_hf.calibration import probe as P
 
     before = model.config._attn_implementation
-    P._set_attn(model, P.GATE_ATTN)
+    P.set_attention_implementation(model, P.GATE_ATTN)
     gate = P._Gate(alpha, SINK, LOCAL)
     P._GATES.append(gate)
     try:
         return P._answer_logprob(model, p.input_ids[None], p.n_query, p.answer, gate)
     finally:
         P._GATES.remove(gate)
-        P._set_attn(model, before)
+        P.set_attention_implementation(model, before)
 
 
 def test_gradient_metric_shape_deterministic_restores(tiny):
@@ -210,7 +210,7 @@ def test_gate_streaming_branch_matches_reference(tiny):
         with torch.no_grad():
             tiny.set_attn_implementation("test_ref_stream")
             logits["ref"] = tiny(input_ids=ids).logits
-            P._set_attn(tiny, P.GATE_ATTN)
+            P.set_attention_implementation(tiny, P.GATE_ATTN)
             for name, a in (("stream", 0.0), ("full", 1.0)):
                 gate = P._Gate(torch.full((3, 2), a), SINK, LOCAL)
                 P._GATES.append(gate)
@@ -219,7 +219,7 @@ def test_gate_streaming_branch_matches_reference(tiny):
                 finally:
                     P._GATES.remove(gate)
     finally:
-        P._set_attn(tiny, before)
+        P.set_attention_implementation(tiny, before)
     with torch.no_grad():
         dense = tiny(input_ids=ids).logits
     torch.testing.assert_close(logits["stream"], logits["ref"], atol=1e-4, rtol=1e-4)
