@@ -113,6 +113,20 @@ def _count(x):
 
 
 @triton.jit
+def _emit_chosen(keys, chosen, SCRATCH, OUT, row, n_select, stride_row_out, K_PAD: tl.constexpr):
+    """Compact the n_select chosen keys of a row through SCRATCH, sort only those (best first),
+    and write their page indices (the packed key's low word) to OUT."""
+    pos = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    tl.store(SCRATCH + row * K_PAD + pos, keys, mask=chosen)
+    tl.debug_barrier()
+    offs = tl.arange(0, K_PAD)
+    best = tl.load(SCRATCH + row * K_PAD + offs, mask=offs < n_select, other=-9223372036854775807)
+    best = tl.sort(best, 0, descending=True)
+    page = 2147483647 - (best & 4294967295)
+    tl.store(OUT + row * stride_row_out + offs, page, mask=offs < n_select)
+
+
+@triton.jit
 def _threshold_topk_kernel(KEYS, SCRATCH, OUT, P, n_select, stride_row_in, stride_row_out,
                            P_PAD: tl.constexpr, K_PAD: tl.constexpr, IDX_BITS: tl.constexpr):
     """Top n_select (< P) keys of one row without sorting the row: binary-search the n-th largest
@@ -141,14 +155,7 @@ def _threshold_topk_kernel(KEYS, SCRATCH, OUT, P, n_select, stride_row_in, strid
         jhi = tl.where(enough, mid, jhi)
         jlo = tl.where(enough, jlo, mid + 1)
     chosen = ok & ((ordered > t) | (tie & (idx <= jhi)))
-    pos = tl.cumsum(chosen.to(tl.int32), 0) - 1
-    tl.store(SCRATCH + row * K_PAD + pos, keys, mask=chosen)
-    tl.debug_barrier()
-    offs = tl.arange(0, K_PAD)
-    best = tl.load(SCRATCH + row * K_PAD + offs, mask=offs < n_select, other=-9223372036854775807)
-    best = tl.sort(best, 0, descending=True)
-    page = 2147483647 - (best & 4294967295)
-    tl.store(OUT + row * stride_row_out + offs, page, mask=offs < n_select)
+    _emit_chosen(keys, chosen, SCRATCH, OUT, row, n_select, stride_row_out, K_PAD)
 
 
 @triton.jit
@@ -184,14 +191,7 @@ def _radix_topk_kernel(KEYS, SCRATCH, OUT, P, n_select, stride_row_in, stride_ro
     tie = ok & (u == prefix)
     rank = tl.cumsum(tie.to(tl.int32), 0)
     chosen = ok & ((u > prefix) | (tie & (rank <= need)))
-    pos = tl.cumsum(chosen.to(tl.int32), 0) - 1
-    tl.store(SCRATCH + row * K_PAD + pos, keys, mask=chosen)
-    tl.debug_barrier()
-    offs = tl.arange(0, K_PAD)
-    best = tl.load(SCRATCH + row * K_PAD + offs, mask=offs < n_select, other=-9223372036854775807)
-    best = tl.sort(best, 0, descending=True)
-    page = 2147483647 - (best & 4294967295)
-    tl.store(OUT + row * stride_row_out + offs, page, mask=offs < n_select)
+    _emit_chosen(keys, chosen, SCRATCH, OUT, row, n_select, stride_row_out, K_PAD)
 
 
 def _scores(q, kmax, kmin, lengths, page_size, logical_page_size, pack, last_inf=True):

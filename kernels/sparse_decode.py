@@ -90,6 +90,17 @@ def _merge_splits(OPART, MLPART, row, n_rows, n_split, SPLIT_PAD: tl.constexpr,
 
 
 @triton.jit
+def _store_head(out, OS, OR, b, hh, g, Hs, sos_b, sos_h, sos_g, sos_d, sor_b, sor_h, sor_g, sor_d, offs_d):
+    """Write one query head's output to the streaming or the retrieval output, by its kind."""
+    if hh < Hs:
+        tl.store(OS + b * sos_b + hh.to(tl.int64) * sos_h + g * sos_g + offs_d * sos_d,
+                 out.to(OS.dtype.element_ty))
+    else:
+        tl.store(OR + b * sor_b + (hh - Hs).to(tl.int64) * sor_h + g * sor_g + offs_d * sor_d,
+                 out.to(OR.dtype.element_ty))
+
+
+@triton.jit
 def _sparse_decode_kernel(
         QS, SK, SV, RK, RV, QR, PK, PV, PAGES, LENGTHS, OS, OR, OPART, MLPART, COUNTER,
         sqs_b, sqs_h, sqs_g, sqs_d,
@@ -173,12 +184,7 @@ def _sparse_decode_kernel(
 
     if DIRECT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)   # a head that sees no key gets zeros
-        if hh < Hs:
-            tl.store(OS + b64 * sos_b + hh.to(tl.int64) * sos_h + g * sos_g + offs_d * sos_d,
-                     out.to(OS.dtype.element_ty))
-        else:
-            tl.store(OR + b64 * sor_b + (hh - Hs).to(tl.int64) * sor_h + g * sor_g + offs_d * sor_d,
-                     out.to(OR.dtype.element_ty))
+        _store_head(out, OS, OR, b64, hh, g, Hs, sos_b, sos_h, sos_g, sos_d, sor_b, sor_h, sor_g, sor_d, offs_d)
     else:
         part = split.to(tl.int64) * n_rows + row
         tl.store(OPART + part * HEAD_DIM + offs_d, acc)
@@ -192,12 +198,8 @@ def _sparse_decode_kernel(
             if done == tl.num_programs(0) - 1:
                 out = _merge_splits(OPART, MLPART, row, n_rows, tl.num_programs(0), SPLIT_PAD,
                                     HEAD_DIM, True)
-                if hh < Hs:
-                    tl.store(OS + b64 * sos_b + hh.to(tl.int64) * sos_h + g * sos_g + offs_d * sos_d,
-                             out.to(OS.dtype.element_ty))
-                else:
-                    tl.store(OR + b64 * sor_b + (hh - Hs).to(tl.int64) * sor_h + g * sor_g
-                             + offs_d * sor_d, out.to(OR.dtype.element_ty))
+                _store_head(out, OS, OR, b64, hh, g, Hs, sos_b, sos_h, sos_g, sos_d,
+                            sor_b, sor_h, sor_g, sor_d, offs_d)
                 tl.atomic_xchg(COUNTER + row, 0)   # ready for the next call (or graph replay)
 
 
@@ -216,12 +218,7 @@ def _combine_kernel(OPART, MLPART, OS, OR,
     g = row % G
     offs_d = tl.arange(0, HEAD_DIM)
     out = _merge_splits(OPART, MLPART, row, n_rows, n_split, SPLIT_PAD, HEAD_DIM, False)
-    if hh < Hs:
-        tl.store(OS + b * sos_b + hh.to(tl.int64) * sos_h + g * sos_g + offs_d * sos_d,
-                 out.to(OS.dtype.element_ty))
-    else:
-        tl.store(OR + b * sor_b + (hh - Hs).to(tl.int64) * sor_h + g * sor_g + offs_d * sor_d,
-                 out.to(OR.dtype.element_ty))
+    _store_head(out, OS, OR, b, hh, g, Hs, sos_b, sos_h, sos_g, sos_d, sor_b, sor_h, sor_g, sor_d, offs_d)
 
 
 def _split_plan(rows, stream_tokens, n_slots, page_size, block_t, page_pad, n_split=None):

@@ -80,10 +80,10 @@ def sdpa_prefill(q, k, v, plan, sink, local, q_offset, kv_start, scale, sliding_
     G = Hq // Hkv
     out = torch.empty(B, Hkv, G, S, D, dtype=q.dtype, device=q.device)
     qg = q.view(B, Hkv, G, S, D)
-    for streams, heads in ((False, plan.retrieval_heads), (True, plan.stream_heads)):
+    st, rt = plan.heads(q.device)
+    for streams, heads in ((False, rt), (True, st)):
         if not heads.numel():
             continue
-        heads = heads.to(q.device)
         qh = qg.index_select(1, heads).flatten(1, 2)
         kh, vh = k.index_select(1, heads), v.index_select(1, heads)
         plain_causal = not streams and kv_start is None and sliding_window is None and q_offset == 0
@@ -107,7 +107,7 @@ def _decode(query, layer, plan, cfg, scale, window=None):
     Hkv = plan.streaming.numel()
     G = Hq // Hkv
     q = query.view(B, Hkv, G, D)
-    st, rt = plan.stream_heads.to(q.device), plan.retrieval_heads.to(q.device)
+    st, rt = plan.heads(q.device)
     if use_triton(cfg.backend, q):
         if window is None or layer.max_length <= window:
             return _decode_triton(q, layer, plan, cfg, scale, st, rt).view(B, Hq, 1, D)
@@ -164,7 +164,7 @@ def _extend(query, layer, cfg, scale, new_k, new_v, window=None):
     before = layer.lengths - S
     q_pos = before.view(B, 1) + torch.arange(S, device=q.device).view(1, S)
     out = torch.empty_like(q)
-    st, rt = plan.stream_heads.to(q.device), plan.retrieval_heads.to(q.device)
+    st, rt = plan.heads(q.device)
     if rt.numel():
         T = layer.max_length
         k_pos = torch.arange(T, device=q.device).view(1, T).expand(B, T)

@@ -29,13 +29,17 @@ class LayerPlan:
     streaming: torch.Tensor  # bool [Hkv]
     dense: bool              # a dense layer: no streaming heads and no page selection
 
-    @property
-    def stream_heads(self) -> torch.Tensor:
-        return self.streaming.nonzero().flatten()
+    def __post_init__(self):
+        self.stream_heads = self.streaming.nonzero().flatten()
+        self.retrieval_heads = (~self.streaming).nonzero().flatten()
+        self._on_device = {}
 
-    @property
-    def retrieval_heads(self) -> torch.Tensor:
-        return (~self.streaming).nonzero().flatten()
+    def heads(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(streaming, retrieval) KV-head indices on ``device``, copied there once, not per step."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = (self.stream_heads.to(device), self.retrieval_heads.to(device))
+        return self._on_device[key]
 
 
 class LServeLayer(CacheLayerMixin):
@@ -120,8 +124,7 @@ class LServeLayer(CacheLayerMixin):
                     self.pool_k, self.pool_v, self.kmax, self.kmin) if t is not None)
 
     def _split(self, x):
-        st = self.plan.stream_heads.to(x.device)
-        rt = self.plan.retrieval_heads.to(x.device)
+        st, rt = self.plan.heads(x.device)
         return x.index_select(1, st), x.index_select(1, rt)
 
     def _prefill(self, k, v):
