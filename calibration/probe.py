@@ -44,6 +44,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lserve_hf.backend import set_attention_implementation
 
+# the gate machinery moved to .gating (gate training shares it); the old names stay importable
+from .gating import GATE_ATTN, GATES as _GATES, Gate as _Gate, gated  # noqa: F401
+
 PROBE_ATTN = "lserve_probe"
 
 
@@ -133,70 +136,6 @@ AttentionInterface.register(PROBE_ATTN, _probe_attention)
 AttentionMaskInterface.register(PROBE_ATTN, sdpa_mask)
 
 
-GATE_ATTN = "lserve_probe_gate"
-
-
-class _Gate:
-    """Per-(layer, KV head) gate between full causal attention and sink + local streaming attention:
-    ``out = alpha * full + (1 - alpha) * stream``, written ``full + (alpha - 1) * (full - stream)``
-    with the difference detached: exact in value, and at alpha = 1 exact in gradient too (the
-    streaming branch has weight 0 there, so nothing flows through it), so only the full branch
-    (memory-efficient SDPA) is differentiated."""
-
-    def __init__(self, alpha: torch.Tensor, sink: int, local: int, query_block: int = 512):
-        self.alpha, self.sink, self.local, self.query_block = alpha, sink, local, query_block
-        self.seen: set[int] = set()
-
-    @torch.no_grad()
-    def stream_minus_full(self, query, key, value, full, scaling):
-        # query [B, Hq, S, D]; key/value [B, Hkv, K, D]; full [B, S, Hq, D] -> (full - stream) rows
-        B, Hq, S, D = query.shape
-        K = key.shape[2]
-        g = Hq // key.shape[1]
-        diff = torch.zeros_like(full, dtype=torch.float32)
-        first = max(0, self.sink + self.local - (K - S))  # earlier rows see everything either way
-        if first >= S:
-            return diff
-        k_all = key.float().repeat_interleave(g, dim=1)
-        v_all = value.float().repeat_interleave(g, dim=1)
-        for s0 in range(first, S, self.query_block):
-            s1 = min(S, s0 + self.query_block)
-            # only the sink keys and the keys of the block's local band can be seen
-            band0 = max(self.sink, s0 + (K - S) - self.local + 1)
-            kpos = torch.cat([torch.arange(min(self.sink, K), device=query.device),
-                              torch.arange(band0, s1 + (K - S), device=query.device)])
-            k, v = k_all[:, :, kpos], v_all[:, :, kpos]
-            qpos = torch.arange(s0, s1, device=query.device)[:, None] + (K - S)
-            kpos = kpos[None, :]
-            allowed = (kpos <= qpos) & ((kpos < self.sink) | (qpos - kpos < self.local))
-            logits = torch.matmul(query[:, :, s0:s1].float(), k.transpose(-1, -2)) * scaling
-            w = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-            stream = torch.matmul(w, v).transpose(1, 2)  # [B, rows, Hq, D]
-            diff[:, s0:s1] = full[:, s0:s1].detach().float() - stream
-        return diff
-
-
-_GATES: list[_Gate] = []
-
-
-def _gate_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    out, w = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    if not _GATES:
-        return out, w
-    gate = _GATES[-1]
-    idx = module.layer_idx
-    gate.seen.add(idx)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    diff = gate.stream_minus_full(query, key, value, out, scale)
-    Hq, Hkv = query.shape[1], key.shape[1]
-    a = gate.alpha[idx].to(out.device, torch.float32).repeat_interleave(Hq // Hkv).view(1, 1, Hq, 1)
-    return out + ((a - 1) * diff).to(out.dtype), w
-
-
-AttentionInterface.register(GATE_ATTN, _gate_attention)
-AttentionMaskInterface.register(GATE_ATTN, sdpa_mask)
-
-
 def _answer_logprob(model, ids, n_query, answer, alpha_gate):
     """Sum over the query rows of log p(target token); differentiable in the gate's alpha."""
     out = model(input_ids=ids, use_cache=False, logits_to_keep=n_query)
@@ -216,16 +155,9 @@ def _probe_gradient(model, prompts, sink, local, progress, refine, refine_sparsi
     device = next(model.parameters()).device
     grads = torch.zeros(len(prompts), n_layers, n_kv, dtype=torch.float64)
     dense_logp = torch.zeros(len(prompts), dtype=torch.float64)
-    previous = getattr(cfg, "_attn_implementation", None)
-    was_training = model.training
-    req = [p.requires_grad for p in model.parameters()]
-    set_attention_implementation(model, GATE_ATTN)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     from tqdm.auto import tqdm
 
-    try:
+    with gated(model):
         for i, p in enumerate(tqdm(prompts, desc="probing heads (gate gradient)", disable=not progress)):
             ids = p.input_ids.reshape(1, -1).to(device)
             r = max(1, int(p.n_query))
@@ -249,11 +181,6 @@ def _probe_gradient(model, prompts, sink, local, progress, refine, refine_sparsi
         if refine > 0:
             signal, refined = _refine(model, prompts, signal, sink, local, refine, refine_sparsity,
                                       dense_logp, device, progress)
-    finally:
-        set_attention_implementation(model, previous)
-        model.train(was_training)
-        for p, rq in zip(model.parameters(), req):
-            p.requires_grad_(rq)
     return signal, grads, dense_logp, refined
 
 

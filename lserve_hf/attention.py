@@ -1,9 +1,11 @@
 """The attention function a patched model runs, registered with transformers'
 ``AttentionInterface`` (and a matching mask function with ``AttentionMaskInterface``).
 
-Three regimes, chosen by what the ``LServeLayer`` holds:
-- prefill (first chunk): block-sparse attention over the chunk's own keys; retrieval heads causal,
-  streaming heads sink + local band (``prefill_sink``/``prefill_local``);
+Regimes, chosen by what the ``LServeLayer`` holds:
+- prefill (the prompt in one pass): block-sparse attention over the prompt's own keys; retrieval
+  heads causal, streaming heads sink + local band (``prefill_sink``/``prefill_local``);
+- chunked prefill (a long prompt in chunks): the same masks, each chunk's queries against the
+  prompt stored so far (``q_offset``), so the result equals the one-pass prefill;
 - decode (one new token): streaming heads read sink + ring, retrieval heads read the pages their
   query selects (dense while the row is within the token budget);
 - extend (several tokens appended to a cache): retrieval heads causal over the pool, streaming heads
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from . import pages as page_ops
 from . import reference
 from .backend import say_once, use_triton
+from .cache import LayerPlan
 from .streaming import ring_tokens
 
 ATTN_NAME = "lserve"
@@ -45,6 +48,8 @@ def lserve_attention_forward(module, query, key, value, attention_mask, scaling=
                       "prefill window and retrieval heads attend densely (no page selection). Let the "
                       "patched model create its cache, or pass LServeCache(model).")
         out = _prefill(query, key, value, attention_mask, plan, cfg, scale, sliding_window)
+    elif lserve_layer.phase == "chunking":
+        out = _chunk_prefill(query, lserve_layer, attention_mask, plan, cfg, scale, sliding_window)
     elif query.shape[2] == 1:
         out = _decode(query, lserve_layer, plan, cfg, scale, sliding_window)
     else:
@@ -69,6 +74,36 @@ def _prefill(query, key, value, attention_mask, plan, cfg, scale, sliding_window
     return sdpa_prefill(query, key, value, plan, cfg.prefill_sink, cfg.prefill_local,
                         key.shape[2] - query.shape[2], kv_start, scale, sliding_window,
                         cfg.prefill_query_block)
+
+
+_KIND_PLANS: dict = {}
+
+
+def _kind_plan(n_heads: int, streams: bool) -> LayerPlan:
+    """A plan whose heads all have one kind: a prompt chunk attends per kind, since the two kinds'
+    keys live in different stores."""
+    key = (n_heads, streams)
+    if key not in _KIND_PLANS:
+        _KIND_PLANS[key] = LayerPlan(-1, torch.full((n_heads,), streams), False)
+    return _KIND_PLANS[key]
+
+
+def _chunk_prefill(query, layer, attention_mask, plan, cfg, scale, sliding_window):
+    """A prompt chunk, queries at positions ``T - S .. T - 1``, against the prompt stored so far:
+    retrieval heads read the page pool, streaming heads the prompt buffer."""
+    B, Hq, S, D = query.shape
+    Hkv = plan.streaming.numel()
+    G, T = Hq // Hkv, layer.seq_len
+    q = query.view(B, Hkv, G, S, D)
+    out = torch.empty_like(q)
+    st, rt = plan.heads(q.device)
+    for streams, heads, k, v in ((False, rt, layer.pool_k, layer.pool_v), (True, st, layer.chunk_k, layer.chunk_v)):
+        if heads.numel():
+            qh = q.index_select(1, heads).flatten(1, 2)
+            o = _prefill(qh, k[:, :, :T], v[:, :, :T], attention_mask, _kind_plan(heads.numel(), streams),
+                         cfg, scale, sliding_window)
+            out[:, heads] = o.view(B, heads.numel(), G, S, D)
+    return out.view(B, Hq, S, D)
 
 
 def sdpa_prefill(q, k, v, plan, sink, local, q_offset, kv_start, scale, sliding_window, query_block):
@@ -135,24 +170,30 @@ def decode_pages(q, layer, plan, cfg) -> torch.Tensor:
     if plan.dense:
         return torch.arange(n_pages, device=q.device).view(1, 1, 1, -1).expand(B, Hr, G, -1)
     if layer.pages is None or layer.decode_steps % cfg.selector_interval == 0:
-        layer.pages = page_ops.select(q, layer.kmax, layer.kmin, layer.lengths, cfg)
+        pages = page_ops.select(q, layer.kmax, layer.kmin, layer.lengths, cfg)
+        if layer.pages is None or layer.pages.shape != pages.shape:
+            layer.pages = pages
+        else:
+            layer.pages.copy_(pages)   # in place: a captured decode graph reads this buffer
     dup = (layer.pages == last).any(-1, keepdim=True)
     return torch.cat([layer.pages, torch.where(dup, -1, last)], dim=-1)
 
 
 def _decode_triton(q, layer, plan, cfg, scale, st, rt):
-    """One launch for all heads (``kernels.sparse_paged_decode``); outputs scattered back by head."""
+    """One launch for all heads (``kernels.sparse_paged_decode``). Queries and outputs are sorted
+    by head kind once, so each kind is a view and the layer pays two small copies, not six."""
     from .kernels import sparse_paged_decode
 
-    pages = decode_pages(q.index_select(1, rt), layer, plan, cfg) if rt.numel() else \
-        q.new_zeros(q.shape[0], 0, q.shape[2], 1, dtype=torch.long)
-    o_s, o_r = sparse_paged_decode(q.index_select(1, st), layer.sink_k, layer.sink_v, layer.ring_k, layer.ring_v,
-                                   q.index_select(1, rt), layer.pool_k, layer.pool_v, pages, layer.lengths,
-                                   cfg.decode_sink, cfg.decode_local, cfg.page_size, scale)
-    layer.decode_steps += 1
+    q_s, q_r = plan.sort_by_kind(q)
     out = torch.empty_like(q)
-    out[:, st], out[:, rt] = o_s, o_r
-    return out
+    o_s, o_r = out.narrow(1, 0, q_s.shape[1]), out.narrow(1, q_s.shape[1], q_r.shape[1])
+    pages = decode_pages(q_r, layer, plan, cfg) if q_r.shape[1] else \
+        q.new_zeros(q.shape[0], 0, q.shape[2], 1, dtype=torch.long)
+    sparse_paged_decode(q_s, layer.sink_k, layer.sink_v, layer.ring_k, layer.ring_v, q_r, layer.pool_k,
+                        layer.pool_v, pages, layer.lengths, cfg.decode_sink, cfg.decode_local, cfg.page_size,
+                        scale, out_stream=o_s, out_retr=o_r)
+    layer.decode_steps += 1
+    return plan.unsort(out)
 
 
 def _extend(query, layer, cfg, scale, new_k, new_v, window=None):

@@ -32,14 +32,36 @@ class LayerPlan:
     def __post_init__(self):
         self.stream_heads = self.streaming.nonzero().flatten()
         self.retrieval_heads = (~self.streaming).nonzero().flatten()
+        # streaming heads first: one index_select sorts a tensor's heads by kind, and each kind is
+        # then a slice (a view), not a copy
+        self.order = torch.cat([self.stream_heads, self.retrieval_heads])
+        self.n_stream = self.stream_heads.numel()
         self._on_device = {}
 
     def heads(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(streaming, retrieval) KV-head indices on ``device``, copied there once, not per step."""
         key = str(device)
         if key not in self._on_device:
-            self._on_device[key] = (self.stream_heads.to(device), self.retrieval_heads.to(device))
-        return self._on_device[key]
+            self._on_device[key] = (self.stream_heads.to(device), self.retrieval_heads.to(device),
+                                    self.order.to(device), torch.argsort(self.order).to(device))
+        return self._on_device[key][:2]
+
+    def sort_by_kind(self, x: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(streaming part, retrieval part) of ``x`` along its head dimension: one copy when both
+        kinds exist, none when the layer has one kind."""
+        n = self.n_stream
+        if n and n < self.streaming.numel():
+            self.heads(x.device)
+            x = x.index_select(dim, self._on_device[str(x.device)][2])
+        return x.narrow(dim, 0, n), x.narrow(dim, n, x.shape[dim] - n)
+
+    def unsort(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Inverse of ``sort_by_kind`` on a tensor whose heads are in (streaming, retrieval) order."""
+        n = self.n_stream
+        if not n or n == self.streaming.numel():
+            return x
+        self.heads(x.device)
+        return x.index_select(dim, self._on_device[str(x.device)][3])
 
 
 class LServeLayer(CacheLayerMixin):
@@ -48,18 +70,25 @@ class LServeLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, plan: LayerPlan, config: LServeConfig):
+    def __init__(self, plan: LayerPlan, config: LServeConfig, capacity: int = 0):
         super().__init__()
         self.plan, self.config = plan, config
+        self.capacity = capacity    # tokens to allocate the page pool for at prefill (0: the prompt's)
         self.seq_len = 0            # positions seen, padding included (what generate() counts)
-        self.lengths = None         # [B] real tokens stored per row
+        self.lengths = None         # [B] real tokens stored per row, updated in place
         self.max_length = 0         # host copy of lengths.max(), so growth needs no device sync
+        self.min_length = 0         # a host lower bound of lengths.min(): past the sink, no sink write
         self.pending_kv_start = None
-        self.phase = "empty"        # "prefill" right after the first update, then "extend"
-        self.pages = None           # [B, Hr, G, K] reused page selection
+        self.chunk_total = None     # prompt length while a chunked prefill is under way
+        # "empty" -> "chunking" (chunked prefill) -> "prefill" (prompt stored) -> "extend"
+        self.phase = "empty"
+        self.pages = None           # [B, Hr, G, K] reused page selection, overwritten in place
         self.decode_steps = 0
+        # bumped whenever a store is reallocated: captured decode graphs hold its addresses
+        self.epoch = 0
         self.sink_k = self.sink_v = self.ring_k = self.ring_v = None
         self.pool_k = self.pool_v = self.kmax = self.kmin = None
+        self.chunk_k = self.chunk_v = None
 
     # -- transformers' CacheLayerMixin ------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
@@ -82,15 +111,19 @@ class LServeLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.phase == "empty":
-            self._prefill(key_states, value_states)
-            self.phase = "prefill"
+            total = self.chunk_total or key_states.shape[2]
+            self._start_prompt(key_states, value_states, total)
+            if total == key_states.shape[2]:
+                self.finish_prompt()
+        elif self.phase == "chunking":
+            self._write_prompt(key_states, value_states)
         else:
             self._append(key_states, value_states)
             self.phase = "extend"
         return key_states, value_states
 
     def reset(self):
-        self.__init__(self.plan, self.config)
+        self.__init__(self.plan, self.config, self.capacity)
 
     def crop(self, tokens_to_remove):
         raise NotImplementedError(
@@ -105,54 +138,104 @@ class LServeLayer(CacheLayerMixin):
                 setattr(self, name, fn(t))
 
     def reorder_cache(self, beam_idx):
+        # in place, so that the stores keep their addresses (captured decode graphs read them)
         if self.lengths is not None:
-            self._batch_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+            self._batch_apply(lambda t: t.copy_(t.index_select(0, beam_idx.to(t.device))))
 
     def batch_repeat_interleave(self, repeats: int):
         if self.lengths is not None:
             self._batch_apply(lambda t: t.repeat_interleave(repeats, dim=0))
+            self.epoch += 1
 
     def batch_select_indices(self, indices):
         if self.lengths is not None:
             self._batch_apply(lambda t: t[indices])
             self.max_length = int(self.lengths.max())
+            self.min_length = int(self.lengths.min())
+            self.epoch += 1
+
+    def host_state(self) -> tuple:
+        """The host-side bookkeeping a decode step changes (``advance`` replays it)."""
+        return self.seq_len, self.max_length, self.min_length, self.decode_steps, self.phase
+
+    def restore_host_state(self, state: tuple) -> None:
+        self.seq_len, self.max_length, self.min_length, self.decode_steps, self.phase = state
+
+    def advance(self) -> None:
+        """Host bookkeeping of one decode step whose device work ran elsewhere (a graph replay):
+        what ``_append`` and the decode attention do to the host state."""
+        self.seq_len += 1
+        self.max_length += 1
+        self.min_length += 1
+        self.decode_steps += 1
+        self.phase = "extend"
 
     # -- LServe stores -------------------------------------------------------------------------
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in
                    (self.sink_k, self.sink_v, self.ring_k, self.ring_v,
-                    self.pool_k, self.pool_v, self.kmax, self.kmin) if t is not None)
+                    self.pool_k, self.pool_v, self.kmax, self.kmin, self.chunk_k, self.chunk_v)
+                   if t is not None)
 
     def _split(self, x):
-        st, rt = self.plan.heads(x.device)
-        return x.index_select(1, st), x.index_select(1, rt)
+        return self.plan.sort_by_kind(x)
 
-    def _prefill(self, k, v):
-        cfg = self.config
+    def _start_prompt(self, k, v, total: int):
+        """Allocate the prompt's stores and write its first chunk. Rows are written as given
+        (left padding included) and compacted by ``finish_prompt``: chunks attend to them in the
+        positions the model sees. Retrieval heads go straight to the page pool; streaming heads
+        to a prompt buffer that ``finish_prompt`` turns into sink + ring."""
         B, H, S, D = k.shape
-        kv_start = self.pending_kv_start
-        if kv_start is None:
-            kv_start = torch.zeros(B, dtype=torch.long, device=k.device)
-        kv_start = kv_start.to(k.device)
-        self.pending_kv_start = kv_start
-        self.lengths = (S - kv_start).long()
-        self.max_length = S - int(kv_start.min()) if B else 0
-        if bool((kv_start != 0).any()):
-            # left padding: shift each row so its first real token sits at slot 0
-            idx = (torch.arange(S, device=k.device).view(1, S) + kv_start.view(B, 1)).clamp(max=S - 1)
-            idx = idx.view(B, 1, S, 1).expand(B, H, S, D)
-            k, v = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+        st, rt = self.plan.heads(k.device)
+        cap = page_ops.round_up(max(total, self.capacity, 1), self.config.page_size)
+        self.pool_k = k.new_zeros(B, rt.numel(), cap, D)
+        self.pool_v = v.new_zeros(B, rt.numel(), cap, D)
+        self.chunk_k = k.new_empty(B, st.numel(), total, D)
+        self.chunk_v = v.new_empty(B, st.numel(), total, D)
+        self.chunk_total, self.seq_len, self.phase = total, 0, "chunking"
+        self._write_prompt(k, v)
+
+    def _write_prompt(self, k, v):
+        a, b = self.seq_len, self.seq_len + k.shape[2]
+        if b > self.chunk_total:
+            raise ValueError(f"A prompt chunk ends at token {b}, past the {self.chunk_total} tokens announced "
+                             "for this chunked prefill.")
         ks, kr = self._split(k)
         vs, vr = self._split(v)
+        self.pool_k[:, :, a:b], self.pool_v[:, :, a:b] = kr, vr
+        self.chunk_k[:, :, a:b], self.chunk_v[:, :, a:b] = ks, vs
+        self.seq_len = b
+
+    def finish_prompt(self):
+        """The whole prompt is stored: compact rows past their left padding, fill the streaming
+        heads' sink + ring from the prompt buffer (then freed) and summarise the pool's pages."""
+        cfg = self.config
+        S = self.seq_len
+        B = self.pool_k.shape[0]
+        kv_start = self.pending_kv_start
+        if kv_start is None:
+            kv_start = torch.zeros(B, dtype=torch.long, device=self.pool_k.device)
+        kv_start = kv_start.to(self.pool_k.device)
+        self.pending_kv_start = kv_start
+        self.lengths = (S - kv_start).long()
+        lo, hi = torch.stack([kv_start.min(), kv_start.max()]).tolist() if B else (0, 0)
+        self.max_length, self.min_length = S - lo, S - hi
+        ks, vs = self.chunk_k, self.chunk_v
+        self.chunk_k = self.chunk_v = None
+        if bool((kv_start != 0).any()):
+            # left padding: shift each row so its first real token sits at slot 0
+            idx = (torch.arange(S, device=ks.device).view(1, S) + kv_start.view(B, 1)).clamp(max=S - 1)
+
+            def shift(x):
+                return torch.gather(x, 2, idx.view(B, 1, S, 1).expand(*x.shape[:2], S, x.shape[3]))
+            ks, vs = shift(ks), shift(vs)
+            self.pool_k[:, :, :S] = shift(self.pool_k[:, :, :S])
+            self.pool_v[:, :, :S] = shift(self.pool_v[:, :, :S])
         self.sink_k, self.ring_k = fill_sink_and_ring(ks, self.lengths, cfg.decode_sink, cfg.decode_local)
         self.sink_v, self.ring_v = fill_sink_and_ring(vs, self.lengths, cfg.decode_sink, cfg.decode_local)
-        cap = page_ops.round_up(max(S, 1), cfg.page_size)
-        self.pool_k = kr.new_zeros(B, kr.shape[1], cap, D)
-        self.pool_v = vr.new_zeros(B, vr.shape[1], cap, D)
-        self.pool_k[:, :, :S] = kr
-        self.pool_v[:, :, :S] = vr
         self.kmax, self.kmin = page_ops.build_summaries(self.pool_k, self.lengths, cfg)
-        self.seq_len = S
+        self.chunk_total, self.phase = None, "prefill"
+        self.epoch += 1
 
     # Decode appends grow the pool geometrically (an eighth) up to this many tokens at a time, in
     # whole pages: the concatenations amortise, and a long prompt is not charged a fraction of its
@@ -173,6 +256,7 @@ class LServeLayer(CacheLayerMixin):
         nl = extra // cfg.logical_page_size
         self.kmax = torch.cat([self.kmax, self.kmax.new_full((B, Hr, nl, D), float("-inf"))], dim=2)
         self.kmin = torch.cat([self.kmin, self.kmin.new_full((B, Hr, nl, D), float("inf"))], dim=2)
+        self.epoch += 1
 
     def _append(self, k, v):
         """Append S new tokens per row at slots ``lengths[b] + i``."""
@@ -191,14 +275,15 @@ class LServeLayer(CacheLayerMixin):
             # attention of a multi-token chunk needs the ring as it was before this chunk
             self.ring_before = (self.ring_k.clone(), self.ring_v.clone()) if S > 1 else None
             self._append_streaming(ks, vs, pos)
-        self.lengths = self.lengths + S
+        self.lengths.add_(S)
         self.max_length += S
+        self.min_length += S
         self.seq_len += S
 
     def _append_streaming(self, ks, vs, pos):
         cfg = self.config
         B, Hs, S, D = ks.shape
-        if cfg.decode_sink:
+        if cfg.decode_sink and self.min_length < cfg.decode_sink:   # else every new token is past the sink
             in_sink = (pos < cfg.decode_sink).view(B, 1, S, 1)
             slot = pos.clamp(max=cfg.decode_sink - 1).view(B, 1, S, 1).expand(B, Hs, S, D)
             # rows past the sink write a slot's own value back
@@ -215,17 +300,37 @@ class LServeCache(Cache):
     one per call; pass ``LServeCache(model)`` as ``past_key_values`` to keep it yourself."""
 
     def __init__(self, model=None, *, plans: list[LayerPlan] | None = None,
-                 config: LServeConfig | None = None):
+                 config: LServeConfig | None = None, max_length: int | None = None):
+        """``max_length``: tokens (prompt + new) to allocate the page pools for at prefill, so that
+        decoding never grows them; without it they grow in steps as decoding goes."""
         if plans is None:
             state = getattr(model, "_lserve", None)
             if state is None:
                 raise ValueError("LServeCache(model) needs a model patched with lserve_hf.patch_model(model).")
             plans, config = state.plans, state.config
-        super().__init__(layers=[LServeLayer(p, config) for p in plans])
+        super().__init__(layers=[LServeLayer(p, config, max_length or 0) for p in plans])
         self.config = config
+        self.decode_graphs = None   # lserve_hf.decode_graph.DecodeGraphs, made on the first decode step
+
+    @property
+    def epoch(self) -> int:
+        """Changes whenever a layer reallocates a store."""
+        return sum(layer.epoch for layer in self.layers)
+
+    def begin_chunks(self, total: int) -> None:
+        """Announce a prompt of ``total`` tokens that will arrive in several forwards."""
+        for layer in self.layers:
+            layer.chunk_total = total
+
+    def finish_chunks(self) -> None:
+        for layer in self.layers:
+            if layer.phase == "chunking":
+                layer.finish_prompt()
 
     def begin_forward(self, attention_mask: torch.Tensor | None, batch: int, q_len: int, device):
         """Record each row's left padding before the first (prefill) chunk reaches the layers."""
+        if self.layers[0].phase == "chunking":
+            return
         if self.get_seq_length() > 0:
             if attention_mask is not None and attention_mask.dim() == 2 and q_len > 1 \
                     and not bool(attention_mask[:, -q_len:].all()):

@@ -23,16 +23,29 @@ def main(argv=None) -> int:
     demo.add_argument("--device", default=None, help="e.g. cuda; default CPU")
 
     cal = sub.add_parser("calibrate", help="compute a head pattern (full_attention_heads.tsv)")
-    cal.add_argument("--method", choices=["probe"], default="probe",
-                     help="probe: training-free, from attention weights on synthetic passkey prompts")
+    cal.add_argument("--method", choices=["probe", "duo"], default="probe",
+                     help="probe: training-free, from attention weights on synthetic passkey prompts; "
+                     "duo: DuoAttention gate training on synthetic multi-passkey prompts")
     cal.add_argument("--model", default=None,
                      help="a local Transformers model folder; default: the embedded SmolLM2-135M-Instruct")
     cal.add_argument("--output", required=True, help="folder (or .tsv path) to write the pattern to")
-    cal.add_argument("--lengths", type=int, nargs="+", default=[2000, 3000], help="prompt lengths (tokens)")
-    cal.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
-    cal.add_argument("--seeds", type=int, default=1, help="prompts per length and depth")
+    cal.add_argument("--lengths", type=int, nargs="+", default=None,
+                     help="prompt lengths (tokens); probe: each length (default 2000 3000); "
+                     "duo: MIN MAX range drawn from per step (default 1000 3000)")
+    cal.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="probe only")
+    cal.add_argument("--seeds", type=int, default=1, help="probe: prompts per length and depth")
+    cal.add_argument("--seed", type=int, default=0, help="seeds the synthetic prompts")
     cal.add_argument("--sink", type=int, default=128, help="the streaming window's sink tokens")
     cal.add_argument("--local", type=int, default=256, help="the streaming window's local tokens")
+    duo = cal.add_argument_group("duo (gate training)")
+    duo.add_argument("--steps", type=int, default=200, help="optimisation steps, one prompt each")
+    duo.add_argument("--haystack-file", default=None, help="a text file as haystack (default: synthetic prose)")
+    duo.add_argument("--reg", type=float, default=0.05, help="weight of the mean(|alpha|) regulariser")
+    duo.add_argument("--lr", type=float, default=0.02, help="AdamW learning rate")
+    duo.add_argument("--passkeys", type=int, default=10, help="passkeys per prompt")
+    duo.add_argument("--no-checkpointing", action="store_true", help="keep activations (faster, more memory)")
+    duo.add_argument("--save-every", type=int, default=25,
+                     help="write the gates reached so far every N steps (the final file replaces them)")
     cal.add_argument("--device", default=None)
 
     sub.add_parser("eval", help="offline long-context accuracy: dense vs LServe vs baselines "
@@ -54,7 +67,7 @@ def main(argv=None) -> int:
 def calibrate(args) -> int:
     import time
 
-    from .calibration import probe_heads, save_pattern
+    from .calibration import probe_heads, save_pattern, train_gates
     from .embedded import load_embedded_model
 
     if args.model:
@@ -67,11 +80,32 @@ def calibrate(args) -> int:
     else:
         model, tok = load_embedded_model(device=args.device)
     t0 = time.perf_counter()
-    scores = probe_heads(model, tok, lengths=args.lengths, depths=args.depths, sink=args.sink,
-                         local=args.local, n_seeds=args.seeds)
-    path = save_pattern(scores, args.output, method=args.method, model=args.model or "SmolLM2-135M-Instruct",
-                        lengths=args.lengths, depths=args.depths, seeds=args.seeds, sink_size=args.sink,
-                        recent_size=args.local, seconds=round(time.perf_counter() - t0, 1))
+    name = args.model or "SmolLM2-135M-Instruct"
+    if args.method == "duo":
+        lengths = args.lengths or [1000, 3000]
+        if len(lengths) > 2:
+            raise SystemExit("--lengths takes MIN MAX (or one length) with --method duo")
+        lo, hi = lengths[0], lengths[-1]
+        settings = dict(steps=args.steps, lengths=(lo, hi), sink=args.sink, local=args.local, reg=args.reg,
+                        lr=args.lr, n_passkeys=args.passkeys, haystack_file=args.haystack_file,
+                        seed=args.seed, gradient_checkpointing=not args.no_checkpointing)
+        run = dict(settings, lengths=[lo, hi])
+
+        def checkpoint(step, info):
+            # a long run that is stopped still leaves the gates it reached
+            if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+                save_pattern(info["alpha"], args.output, method=args.method, model=name, sink_size=args.sink,
+                             recent_size=args.local, steps_done=step + 1,
+                             seconds=round(time.perf_counter() - t0, 1), **run)
+
+        scores = train_gates(model, tok, callback=checkpoint, **settings)
+    else:
+        lengths = args.lengths or [2000, 3000]
+        scores = probe_heads(model, tok, lengths=lengths, depths=args.depths, sink=args.sink,
+                             local=args.local, seed=args.seed, n_seeds=args.seeds)
+        run = dict(lengths=lengths, depths=args.depths, seeds=args.seeds, seed=args.seed)
+    path = save_pattern(scores, args.output, method=args.method, model=name, sink_size=args.sink,
+                        recent_size=args.local, seconds=round(time.perf_counter() - t0, 1), **run)
     print(f"wrote {path} ({scores.shape[0]} layers x {scores.shape[1]} KV heads)")
     return 0
 

@@ -34,6 +34,12 @@ class LServeConfig:
         backend: "auto" (Triton kernels on CUDA, torch reference elsewhere), "triton" or "torch".
         prefill_query_block: queries per block in the torch reference prefill; bounds its
             activation memory to ``heads * block * context`` scores.
+        prefill_chunk_size: a prompt longer than this many tokens is prefilled in chunks of this
+            size (each chunk attends to the cache so far), so activation memory stays bounded by the
+            chunk, not the prompt. None: one pass. Default 16384.
+        cuda_graphs: on CUDA, replay each decode step of the whole decoder as a CUDA graph (two
+            graphs: a step that selects pages and a step that reuses them). Removes the Python and
+            launch overhead that otherwise dominates time per token. Ignored on CPU.
     """
 
     streaming_sparsity: float = 0.5
@@ -48,6 +54,8 @@ class LServeConfig:
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     backend: str = "auto"
     prefill_query_block: int = 1024
+    prefill_chunk_size: int | None = 16384
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         self.dense_layers = tuple(int(i) for i in self.dense_layers)
@@ -74,6 +82,9 @@ class LServeConfig:
                 f"token_budget={self.token_budget} is not a positive multiple of page_size={self.page_size}: "
                 f"use token_budget={fixed}."
             )
+        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size={self.prefill_chunk_size} must be a positive number of "
+                             "tokens, or None to prefill in one pass.")
         if any(i < 0 for i in self.dense_layers):
             raise ValueError(f"dense_layers={self.dense_layers} holds a negative layer index.")
         if self.backend not in ("auto", "triton", "torch"):

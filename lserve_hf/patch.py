@@ -4,6 +4,7 @@ forward pre-hooks), so the model's own code is never forked."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from lserve_hf.calibration import streaming_mask
 from lserve_hf.calibration.patterns import load_pattern, validate_scores
 from lserve_hf.calibration.shipped import find_shipped_pattern
 
+from . import decoder
 from .backend import set_attention_implementation
 from .attention import ATTN_NAME, lserve_attention_forward, lserve_mask
 from .cache import LayerPlan, LServeCache
@@ -105,6 +107,8 @@ def patch_model(model, config: LServeConfig | None = None, head_pattern=None):
         attn.lserve_plan, attn.lserve_config = plans[attn.layer_idx], config
         state.handles.append(attn.register_forward_pre_hook(_inject_layer, with_kwargs=True))
     state.handles.append(base.register_forward_pre_hook(_ensure_cache, with_kwargs=True))
+    decoder.install(base)
+    _size_generate_cache(model, state)
     model._lserve = base._lserve = state
     set_attention_implementation(model, ATTN_NAME)
     return model
@@ -118,6 +122,9 @@ def unpatch_model(model):
     for h in state.handles:
         h.remove()
     base = _decoder(model)
+    decoder.uninstall(base)
+    if "_prepare_cache_for_generation" in model.__dict__:
+        del model._prepare_cache_for_generation
     for layer in base.layers:
         for name in ("lserve_plan", "lserve_config"):
             if hasattr(layer.self_attn, name):
@@ -127,6 +134,35 @@ def unpatch_model(model):
     if hasattr(base, "_lserve"):
         del base._lserve
     return model
+
+
+def _size_generate_cache(model, state) -> None:
+    """Let ``generate()`` start with an ``LServeCache`` whose page pools hold the whole generation
+    (prompt + ``max_new_tokens``), so decoding never reallocates them. ``generate()`` tells its
+    cache's size to ``_prepare_cache_for_generation``; where that hook is absent or has another
+    shape, the cache is created at the first forward instead and grows as it goes."""
+    original = getattr(model, "_prepare_cache_for_generation", None)
+    if original is None:
+        return
+    try:
+        signature = inspect.signature(original)
+    except (TypeError, ValueError):
+        return
+    if not {"model_kwargs", "max_cache_length"} <= set(signature.parameters):
+        return
+
+    def prepare(*args, **kwargs):
+        result = original(*args, **kwargs)
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        model_kwargs, length = bound.get("model_kwargs"), bound.get("max_cache_length")
+        pkv = model_kwargs.get("past_key_values") if isinstance(model_kwargs, dict) else None
+        if isinstance(pkv, Cache) and not isinstance(pkv, LServeCache) and pkv.get_seq_length() == 0 \
+                and not getattr(pkv, "_is_user_defined", False) and isinstance(length, int):
+            model_kwargs["past_key_values"] = LServeCache(plans=state.plans, config=state.config,
+                                                          max_length=length + 1)
+        return result
+
+    model._prepare_cache_for_generation = prepare
 
 
 def _ensure_cache(module, args, kwargs):

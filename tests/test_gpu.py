@@ -12,10 +12,16 @@ CFG = dict(streaming_sparsity=0.5, page_size=64, logical_page_size=16, token_bud
            prefill_sink=32, prefill_local=256, decode_sink=32, decode_local=128, selector_interval=4)
 
 
-def _run(backend, ids, mask, steps=24):
-    model = tiny_llama(layers=3, heads=8, kv_heads=2, head_dim=64, vocab=500, seed=0).cuda()
-    pattern = torch.rand(3, 2, generator=torch.Generator().manual_seed(1))
-    patch_model(model, LServeConfig(backend=backend, **CFG), head_pattern=pattern)
+def _model():
+    return tiny_llama(layers=3, heads=8, kv_heads=2, head_dim=64, vocab=500, seed=0).cuda()
+
+
+PATTERN = torch.rand(3, 2, generator=torch.Generator().manual_seed(1))
+
+
+def _run(backend, ids, mask, steps=24, graphs=False):
+    model = _model()
+    patch_model(model, LServeConfig(backend=backend, cuda_graphs=graphs, **CFG), head_pattern=PATTERN)
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
                               output_logits=True, return_dict_in_generate=True)
@@ -43,6 +49,78 @@ def test_triton_backend_is_used_on_cuda(monkeypatch):
             return _fn(*a, **kw)
         monkeypatch.setattr(kernels, name, wrapped)
     ids = torch.randint(1, 500, (1, 700), generator=torch.Generator().manual_seed(0)).cuda()
-    _run("auto", ids, torch.ones_like(ids), steps=6)
+    _run("auto", ids, torch.ones_like(ids), steps=6)   # eager decode: every step calls the kernels
     assert calls.get("block_sparse_prefill") == 3 and calls.get("sparse_paged_decode") == 3 * 5
     assert calls.get("select_pages", 0) >= 3
+
+
+@pytest.mark.parametrize("interval, grow", [(4, False), (1, False), (4, True)])
+def test_graph_decode_equals_eager_token_for_token(interval, grow, monkeypatch):
+    from lserve_hf import LServeCache
+    from lserve_hf.decode_graph import DecodeGraphs
+
+    monkeypatch.setattr(DecodeGraphs, "GROWTH", 64)
+    ids = torch.randint(1, 500, (2, 900), generator=torch.Generator().manual_seed(2)).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :50] = 0
+    model = _model()
+    outs = {}
+    for graphs in (False, True):
+        cfg = dict(CFG, selector_interval=interval)
+        patch_model(model, LServeConfig(cuda_graphs=graphs, **cfg), head_pattern=PATTERN)
+        # grow: a cache not sized by generate(), so the pools grow (and graphs are re-captured)
+        extra = dict(past_key_values=LServeCache(model)) if grow else {}
+        with torch.no_grad():
+            outs[graphs] = model.generate(ids, attention_mask=mask, max_new_tokens=150, do_sample=False,
+                                          output_logits=True, return_dict_in_generate=True, **extra)
+    cache = outs[True].past_key_values
+    assert set(cache.decode_graphs.graphs) == ({"select"} if interval == 1 else {"select", "reuse"})
+    assert (cache.epoch > len(cache.layers) + 1) == grow
+    assert torch.equal(outs[True].sequences, outs[False].sequences)
+    assert torch.equal(torch.stack(outs[True].logits), torch.stack(outs[False].logits))
+
+
+def test_graph_decode_steps_allocate_nothing():
+    from lserve_hf import LServeCache
+
+    model = patch_model(_model(), LServeConfig(**CFG), head_pattern=PATTERN)
+    ids = torch.randint(1, 500, (1, 700), generator=torch.Generator().manual_seed(3)).cuda()
+    steps = torch.randint(1, 500, (40, 1, 1), generator=torch.Generator().manual_seed(4)).cuda()
+    cache = LServeCache(model, max_length=700 + 40)
+    with torch.no_grad():
+        model.model(ids, past_key_values=cache)
+        for t in steps[:12]:                        # eager warm-up steps and both captures
+            model.model(t, past_key_values=cache)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()
+        for t in steps[12:]:
+            out = model.model(t, past_key_values=cache)
+        torch.cuda.synchronize()
+        after = torch.cuda.memory_stats()
+    assert set(cache.decode_graphs.graphs) == {"select", "reuse"}
+    assert cache.get_seq_length() == 740 and int(cache.layers[0].lengths[0]) == 740
+    for key in ("allocation.all.allocated", "segment.all.allocated"):
+        assert after[key] == before[key], key
+    assert torch.isfinite(out.last_hidden_state).all()
+
+
+def test_graph_decode_equals_eager_on_the_embedded_model(embedded):
+    from lserve_hf import unpatch_model
+    from lserve_hf.passkey import answer_matches, passkey_prompt
+
+    model, tok = embedded
+    model = model.cuda()
+    p = passkey_prompt(tok, 3000, 0.5, chat=False)
+    x = tok(p.text, return_tensors="pt", add_special_tokens=False).to("cuda")
+    outs = {}
+    try:
+        for graphs in (False, True):
+            patch_model(model, LServeConfig(token_budget=512, prefill_local=1024, decode_local=256,
+                                            cuda_graphs=graphs))
+            with torch.no_grad():
+                outs[graphs] = model.generate(**x, max_new_tokens=24, do_sample=False)
+    finally:
+        unpatch_model(model)
+        model.cpu()
+    assert torch.equal(outs[True], outs[False])
+    assert answer_matches(tok.decode(outs[True][0, x.input_ids.shape[1]:]), p.passkey)

@@ -364,3 +364,37 @@ def test_decode_gpu_budget_shape():
                   lengths=[16384 - 5, 9000], dtype=torch.bfloat16)
     _check_decode(1, 4, 4, 8, 128, sink=128, local=256, T=16384, ps=64, K=64,
                   lengths=[7777], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.0, 1.0])
+def test_patched_decode_step_kernel_equals_torch_path(sparsity):
+    """The attention's decode step through the kernel (heads sorted by kind, one launch) equals
+    the torch path on the same cache: left padding, a context past the budget."""
+    import copy
+
+    from conftest import tiny_llama
+    from lserve_hf import LServeCache, LServeConfig, patch_model
+    from lserve_hf import attention as A
+
+    cfg = LServeConfig(streaming_sparsity=sparsity, page_size=16, logical_page_size=4, token_budget=32,
+                       prefill_sink=4, prefill_local=24, decode_sink=4, decode_local=8, backend="torch")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = patch_model(tiny_llama(heads=8, kv_heads=4).to(dev), cfg,
+                        torch.tensor([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.6, 0.4]]))
+    ids = torch.randint(1, 100, (2, 83), generator=torch.Generator().manual_seed(7)).to(dev)
+    mask = torch.ones_like(ids)
+    mask[1, :11] = 0
+    cache = LServeCache(model)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache)
+    for layer in cache.layers:
+        plan = layer.plan
+        q = torch.randn(2, 4, 2, 16, generator=torch.Generator().manual_seed(layer.plan.layer_idx)).to(dev)
+        a, b = copy.deepcopy(layer), copy.deepcopy(layer)
+        a.decode_steps = b.decode_steps = 0                    # both select pages now
+        want = A._decode(q.view(2, 8, 1, 16), a, plan, cfg, 0.25).view(2, 4, 2, 16)
+        st, rt = plan.heads(q.device)
+        got = A._decode_triton(q, b, plan, cfg, 0.25, st, rt)
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+        assert torch.equal(a.pages, b.pages) if rt.numel() else True
