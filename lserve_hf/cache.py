@@ -123,7 +123,9 @@ class LServeLayer(CacheLayerMixin):
         return key_states, value_states
 
     def reset(self):
+        epoch = self.epoch
         self.__init__(self.plan, self.config, self.capacity)
+        self.epoch = epoch + 1      # never repeat an epoch: graphs of the old stores must not replay
 
     def crop(self, tokens_to_remove):
         raise NotImplementedError(

@@ -82,6 +82,9 @@ def test_generate_sizes_the_pools_once_and_equals_a_growing_cache():
         L = int(a.lengths.max())
         assert torch.equal(a.pool_k[:, :, :L], b.pool_k[:, :, :L])
         assert torch.equal(a.kmax[:, :, :L // 4], b.kmax[:, :, :L // 4])
+        before = b.epoch
+        b.reset()
+        assert b.epoch > before and b.pool_k is None               # a reset never repeats an epoch
 
 
 def test_chunked_prefill_equals_one_pass_on_the_embedded_model(embedded):
