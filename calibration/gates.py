@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gating import GATES, Gate, gated
+from .gating import Gate, applied, check_seen, gated
 
 # passkey words: the NATO alphabet, as DuoAttention; distinct from the haystack's vocabulary so
 # that an answer can only come from its needle
@@ -217,19 +217,13 @@ def gate_loss(model, sample: GateSample, alpha: torch.Tensor, sink: int, local: 
     with torch.no_grad():  # no gate on the stack: the unchanged model (alpha = 1 gives the same)
         reference = _hidden(model, ids)[0, pos].float()
     gate = Gate(alpha, sink, local, exact=True)
-    GATES.append(gate)
-    try:
+    with applied(gate):
         h = _hidden(model, ids)[0, pos].float()
         distill = (h - reference).pow(2).mean()
         loss = distill + reg * alpha.abs().mean()
         if backward:
             loss.backward()
-    finally:
-        GATES.remove(gate)
-    n_layers = model.config.num_hidden_layers
-    if len(gate.seen) != n_layers:
-        raise RuntimeError(f"The gates saw {len(gate.seen)} of {n_layers} attention layers: "
-                           "this model does not route attention through AttentionInterface.")
+    check_seen(gate, model.config.num_hidden_layers)
     return loss.detach(), distill.detach()
 
 

@@ -94,6 +94,23 @@ class Gate:
 GATES: list[Gate] = []
 
 
+@contextmanager
+def applied(gate: Gate):
+    """``gate`` in force for the forwards (and backwards) inside the block."""
+    GATES.append(gate)
+    try:
+        yield gate
+    finally:
+        GATES.remove(gate)
+
+
+def check_seen(gate: Gate, n_layers: int, who: str = "The gates") -> None:
+    """A model whose attention bypasses ``AttentionInterface`` would ignore the gate silently."""
+    if len(gate.seen) != n_layers:
+        raise RuntimeError(f"{who} saw {len(gate.seen)} of {n_layers} attention layers: "
+                           "this model does not route attention through AttentionInterface.")
+
+
 def gate_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     out, w = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if not GATES:

@@ -44,8 +44,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lserve_hf.backend import set_attention_implementation
 
-# the gate machinery moved to .gating (gate training shares it); the old names stay importable
-from .gating import GATE_ATTN, GATES as _GATES, Gate as _Gate, gated  # noqa: F401
+from .gating import Gate, applied, check_seen, gated
 
 PROBE_ATTN = "lserve_probe"
 
@@ -162,17 +161,10 @@ def _probe_gradient(model, prompts, sink, local, progress, refine, refine_sparsi
             ids = p.input_ids.reshape(1, -1).to(device)
             r = max(1, int(p.n_query))
             alpha = torch.ones(n_layers, n_kv, dtype=torch.float32, device=device, requires_grad=True)
-            gate = _Gate(alpha, sink, local)
-            _GATES.append(gate)
-            try:
-                with torch.enable_grad():
-                    lp = _answer_logprob(model, ids, r, p.answer, gate)
-                    (g,) = torch.autograd.grad(lp, alpha)
-            finally:
-                _GATES.remove(gate)
-            if len(gate.seen) != n_layers:
-                raise RuntimeError(f"The probe saw {len(gate.seen)} of {n_layers} attention layers: "
-                                   "this model does not route attention through AttentionInterface.")
+            with applied(Gate(alpha, sink, local)) as gate, torch.enable_grad():
+                lp = _answer_logprob(model, ids, r, p.answer, gate)
+                (g,) = torch.autograd.grad(lp, alpha)
+            check_seen(gate, n_layers, "The probe")
             grads[i] = g.detach().double().cpu()
             dense_logp[i] = float(lp.detach())
         per_prompt = grads.clamp_min(0) if reduce == "relu" else grads
@@ -204,13 +196,9 @@ def _refine(model, prompts, signal, sink, local, n, sparsity, dense_logp, device
     def logp_with(alpha_flat):
         tot = 0.0
         for p in prompts:
-            gate = _Gate(alpha_flat.view(n_layers, n_kv).to(device), sink, local)
-            _GATES.append(gate)
-            try:
+            with applied(Gate(alpha_flat.view(n_layers, n_kv).to(device), sink, local)) as gate:
                 tot += float(_answer_logprob(model, p.input_ids.reshape(1, -1).to(device),
                                              max(1, int(p.n_query)), p.answer, gate))
-            finally:
-                _GATES.remove(gate)
         return tot / len(prompts)
 
     ref = logp_with(base)

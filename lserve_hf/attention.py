@@ -171,7 +171,7 @@ def decode_pages(q, layer, plan, cfg) -> torch.Tensor:
         return torch.arange(n_pages, device=q.device).view(1, 1, 1, -1).expand(B, Hr, G, -1)
     if layer.pages is None or layer.decode_steps % cfg.selector_interval == 0:
         pages = page_ops.select(q, layer.kmax, layer.kmin, layer.lengths, cfg)
-        if layer.pages is None or layer.pages.shape != pages.shape:
+        if layer.pages is None:
             layer.pages = pages
         else:
             layer.pages.copy_(pages)   # in place: a captured decode graph reads this buffer

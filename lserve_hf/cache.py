@@ -38,30 +38,31 @@ class LayerPlan:
         self.n_stream = self.stream_heads.numel()
         self._on_device = {}
 
-    def heads(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(streaming, retrieval) KV-head indices on ``device``, copied there once, not per step."""
+    def _indices(self, device) -> tuple:
+        """(streaming, retrieval, kind order, its inverse) on ``device``, copied there once."""
         key = str(device)
         if key not in self._on_device:
             self._on_device[key] = (self.stream_heads.to(device), self.retrieval_heads.to(device),
                                     self.order.to(device), torch.argsort(self.order).to(device))
-        return self._on_device[key][:2]
+        return self._on_device[key]
+
+    def heads(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(streaming, retrieval) KV-head indices on ``device``, copied there once, not per step."""
+        return self._indices(device)[:2]
+
+    def _mixed(self) -> bool:
+        return 0 < self.n_stream < self.streaming.numel()
 
     def sort_by_kind(self, x: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(streaming part, retrieval part) of ``x`` along its head dimension: one copy when both
         kinds exist, none when the layer has one kind."""
-        n = self.n_stream
-        if n and n < self.streaming.numel():
-            self.heads(x.device)
-            x = x.index_select(dim, self._on_device[str(x.device)][2])
-        return x.narrow(dim, 0, n), x.narrow(dim, n, x.shape[dim] - n)
+        if self._mixed():
+            x = x.index_select(dim, self._indices(x.device)[2])
+        return x.narrow(dim, 0, self.n_stream), x.narrow(dim, self.n_stream, x.shape[dim] - self.n_stream)
 
     def unsort(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Inverse of ``sort_by_kind`` on a tensor whose heads are in (streaming, retrieval) order."""
-        n = self.n_stream
-        if not n or n == self.streaming.numel():
-            return x
-        self.heads(x.device)
-        return x.index_select(dim, self._on_device[str(x.device)][3])
+        return x.index_select(dim, self._indices(x.device)[3]) if self._mixed() else x
 
 
 class LServeLayer(CacheLayerMixin):
@@ -179,9 +180,6 @@ class LServeLayer(CacheLayerMixin):
                     self.pool_k, self.pool_v, self.kmax, self.kmin, self.chunk_k, self.chunk_v)
                    if t is not None)
 
-    def _split(self, x):
-        return self.plan.sort_by_kind(x)
-
     def _start_prompt(self, k, v, total: int):
         """Allocate the prompt's stores and write its first chunk. Rows are written as given
         (left padding included) and compacted by ``finish_prompt``: chunks attend to them in the
@@ -202,8 +200,8 @@ class LServeLayer(CacheLayerMixin):
         if b > self.chunk_total:
             raise ValueError(f"A prompt chunk ends at token {b}, past the {self.chunk_total} tokens announced "
                              "for this chunked prefill.")
-        ks, kr = self._split(k)
-        vs, vr = self._split(v)
+        ks, kr = self.plan.sort_by_kind(k)
+        vs, vr = self.plan.sort_by_kind(v)
         self.pool_k[:, :, a:b], self.pool_v[:, :, a:b] = kr, vr
         self.chunk_k[:, :, a:b], self.chunk_v[:, :, a:b] = ks, vs
         self.seq_len = b
@@ -244,13 +242,15 @@ class LServeLayer(CacheLayerMixin):
     # own size in unused pages.
     MAX_GROWTH = 1024
 
-    def _grow(self, needed: int):
-        """Grow the page pool by whole pages and extend the summaries with empty logical pages."""
+    def _grow(self, needed: int, min_step: int = 0):
+        """Make room for ``needed`` tokens: grow the page pool by whole pages (at least
+        ``min_step`` tokens) and extend the summaries with empty logical pages."""
         cfg = self.config
         cap = self.pool_k.shape[2]
         if needed <= cap:
             return
-        new_cap = page_ops.round_up(max(needed, cap + min(cap // 8, self.MAX_GROWTH)), cfg.page_size)
+        step = max(min_step, min(cap // 8, self.MAX_GROWTH))
+        new_cap = page_ops.round_up(max(needed, cap + step), cfg.page_size)
         extra = new_cap - cap
         B, Hr, _, D = self.pool_k.shape
         self.pool_k = torch.cat([self.pool_k, self.pool_k.new_zeros(B, Hr, extra, D)], dim=2)
@@ -265,8 +265,8 @@ class LServeLayer(CacheLayerMixin):
         cfg = self.config
         B, H, S, D = k.shape
         pos = self.lengths.view(B, 1) + torch.arange(S, device=k.device).view(1, S)   # [B, S]
-        ks, kr = self._split(k)
-        vs, vr = self._split(v)
+        ks, kr = self.plan.sort_by_kind(k)
+        vs, vr = self.plan.sort_by_kind(v)
         if self.pool_k.shape[1]:
             self._grow(self.max_length + S)
             idx = pos.view(B, 1, S, 1).expand(B, kr.shape[1], S, D)

@@ -59,9 +59,7 @@ class DecodeGraphs:
     def _reserve(self, cache) -> None:
         """Grow every page pool outside the graph when the next token would not fit."""
         for layer in cache.layers:
-            cap = layer.pool_k.shape[2]
-            if layer.max_length + 1 > cap:
-                layer._grow(max(layer.max_length + 1, cap + self.GROWTH))
+            layer._grow(layer.max_length + 1, min_step=self.GROWTH)
 
     def step(self, cache, forward, input_ids, position_ids, cache_position):
         """Run one decode step; returns the decoder output, or None when this step must run

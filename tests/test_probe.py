@@ -138,16 +138,15 @@ def test_window_covering_everything_scores_zero(tiny):
 
 
 def _gate_logp(model, p, alpha):
+    from lserve_hf.calibration import gating as G
     from lserve_hf.calibration import probe as P
 
     before = model.config._attn_implementation
-    P.set_attention_implementation(model, P.GATE_ATTN)
-    gate = P._Gate(alpha, SINK, LOCAL)
-    P._GATES.append(gate)
+    P.set_attention_implementation(model, G.GATE_ATTN)
     try:
-        return P._answer_logprob(model, p.input_ids[None], p.n_query, p.answer, gate)
+        with G.applied(G.Gate(alpha, SINK, LOCAL)) as gate:
+            return P._answer_logprob(model, p.input_ids[None], p.n_query, p.answer, gate)
     finally:
-        P._GATES.remove(gate)
         P.set_attention_implementation(model, before)
 
 
@@ -193,6 +192,7 @@ def test_gate_streaming_branch_matches_reference(tiny):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    from lserve_hf.calibration import gating as G
     from lserve_hf.calibration import probe as P
     from lserve_hf.reference import prefill_attention
 
@@ -210,14 +210,10 @@ def test_gate_streaming_branch_matches_reference(tiny):
         with torch.no_grad():
             tiny.set_attn_implementation("test_ref_stream")
             logits["ref"] = tiny(input_ids=ids).logits
-            P.set_attention_implementation(tiny, P.GATE_ATTN)
+            P.set_attention_implementation(tiny, G.GATE_ATTN)
             for name, a in (("stream", 0.0), ("full", 1.0)):
-                gate = P._Gate(torch.full((3, 2), a), SINK, LOCAL)
-                P._GATES.append(gate)
-                try:
+                with G.applied(G.Gate(torch.full((3, 2), a), SINK, LOCAL)):
                     logits[name] = tiny(input_ids=ids).logits
-                finally:
-                    P._GATES.remove(gate)
     finally:
         P.set_attention_implementation(tiny, before)
     with torch.no_grad():
