@@ -114,17 +114,29 @@ def _sparse_decode_kernel(
         spg_b, spg_h, spg_g, spg_k,
         sos_b, sos_h, sos_g, sos_d,
         sor_b, sor_h, sor_g, sor_d,
-        Hs, Hr, G, sink, local, page_size, n_pool_pages, n_slots, qk_scale,
-        stream_per_split, slots_per_split,
+        B, Hs, Hr, G, sink, local, page_size, n_pool_pages, n_slots, qk_scale,
+        stream_per_split, slots_per_split, n_split_s, n_split_r,
         BLOCK_T: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         DIRECT: tl.constexpr, FUSED: tl.constexpr, SPLIT_PAD: tl.constexpr):
-    split = tl.program_id(0)
-    row = tl.program_id(1)
-    n_rows = tl.num_programs(1)
-    per_b = (Hs + Hr) * G
-    b = row // per_b
-    hh = (row % per_b) // G
-    g = row % G
+    # Work items: retrieval (row, split) pairs first (the long ones), then streaming ones; each
+    # kind has its own split count, so no program is launched for an empty split.
+    pid = tl.program_id(0)
+    n_rows = B * (Hs + Hr) * G
+    n_retr = B * Hr * G * n_split_r
+    if pid < n_retr:
+        r = pid // n_split_r
+        split = pid % n_split_r
+        b = r // (Hr * G)
+        hh = Hs + (r % (Hr * G)) // G
+        n_split_row = n_split_r
+    else:
+        r = (pid - n_retr) // n_split_s
+        split = (pid - n_retr) % n_split_s
+        b = r // (Hs * G)
+        hh = (r % (Hs * G)) // G
+        n_split_row = n_split_s
+    g = r % G
+    row = (b * (Hs + Hr) + hh) * G + g
     length = tl.load(LENGTHS + b).to(tl.int32)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -195,8 +207,8 @@ def _sparse_decode_kernel(
             # barrier orders every thread's partial stores before the releasing counter bump.
             tl.debug_barrier()
             done = tl.atomic_add(COUNTER + row, 1, sem="acq_rel")
-            if done == tl.num_programs(0) - 1:
-                out = _merge_splits(OPART, MLPART, row, n_rows, tl.num_programs(0), SPLIT_PAD,
+            if done == n_split_row - 1:
+                out = _merge_splits(OPART, MLPART, row, n_rows, n_split_row, SPLIT_PAD,
                                     HEAD_DIM, True)
                 _store_head(out, OS, OR, b64, hh, g, Hs, sos_b, sos_h, sos_g, sos_d,
                             sor_b, sor_h, sor_g, sor_d, offs_d)
@@ -207,7 +219,7 @@ def _sparse_decode_kernel(
 def _combine_kernel(OPART, MLPART, OS, OR,
                     sos_b, sos_h, sos_g, sos_d,
                     sor_b, sor_h, sor_g, sor_d,
-                    Hs, Hr, G, n_split,
+                    Hs, Hr, G, n_split_s, n_split_r,
                     SPLIT_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Merge the splits of one query head: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s."""
     row = tl.program_id(0)
@@ -217,23 +229,28 @@ def _combine_kernel(OPART, MLPART, OS, OR,
     hh = (row % per_b) // G
     g = row % G
     offs_d = tl.arange(0, HEAD_DIM)
+    n_split = tl.where(hh < Hs, n_split_s, n_split_r)
     out = _merge_splits(OPART, MLPART, row, n_rows, n_split, SPLIT_PAD, HEAD_DIM, False)
     _store_head(out, OS, OR, b, hh, g, Hs, sos_b, sos_h, sos_g, sos_d, sor_b, sor_h, sor_g, sor_d, offs_d)
 
 
-def _split_plan(rows, stream_tokens, n_slots, page_size, block_t, page_pad, n_split=None):
-    """(n_split, streaming slots per split, page slots per split): enough programs to fill the
-    GPU, each reading at least min_split_tokens keys. Host integers only: no device sync."""
+def _split_plan(rows_s, rows_r, stream_tokens, n_slots, page_size, block_t, page_pad, n_split=None):
+    """(streaming splits, tokens per streaming split, retrieval splits, page slots per retrieval
+    split): enough retrieval programs to fill the GPU, each split reading at least
+    min_split_tokens keys. Host integers only: no device sync."""
     pages_per_step = block_t // page_pad
-    longest = max(stream_tokens, n_slots * page_size, 1)
+    min_tokens = DECODE_PLAN["min_split_tokens"]
     if n_split is None:
-        n_split = min(triton.cdiv(DECODE_PLAN["target_programs"], max(rows, 1)),
-                      triton.cdiv(longest, DECODE_PLAN["min_split_tokens"]))
-    n_split = max(1, int(n_split))
-    sps = triton.cdiv(triton.cdiv(max(stream_tokens, 1), n_split), block_t) * block_t
-    slps = triton.cdiv(triton.cdiv(max(n_slots, 1), n_split), pages_per_step) * pages_per_step
-    n_split = max(triton.cdiv(stream_tokens, sps), triton.cdiv(n_slots, slps), 1)
-    return n_split, sps, slps
+        ns = triton.cdiv(max(stream_tokens, 1), min_tokens)
+        nr = min(triton.cdiv(DECODE_PLAN["target_programs"], max(rows_r, 1)),
+                 triton.cdiv(max(n_slots * page_size, 1), min_tokens))
+    else:
+        ns = nr = max(1, int(n_split))
+    sps = triton.cdiv(triton.cdiv(max(stream_tokens, 1), max(ns, 1)), block_t) * block_t
+    slps = triton.cdiv(triton.cdiv(max(n_slots, 1), max(nr, 1)), pages_per_step) * pages_per_step
+    ns = max(triton.cdiv(stream_tokens, sps), 1)
+    nr = max(triton.cdiv(n_slots, slps), 1)
+    return ns, sps, nr, slps
 
 
 def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k, pool_v, pages,
@@ -276,7 +293,9 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
     num_stages = num_stages or DECODE_PLAN["num_stages"]
     block_t = max(int(block_t), page_pad)
     rows = B * (Hs + Hr) * G
-    n_split, sps, slps = _split_plan(rows, stream_tokens, n_slots, page_size, block_t, page_pad, n_split)
+    ns, sps, nr, slps = _split_plan(B * Hs * G, B * Hr * G, stream_tokens, n_slots, page_size,
+                                    block_t, page_pad, n_split)
+    n_split = max(ns if Hs else 1, nr if Hr else 1)
 
     # Stand-ins for absent tensors (a kind with no head, an empty sink): never read.
     any_q = q_stream if Hs else q_retr
@@ -304,17 +323,17 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
         if DECODE_PLAN.get("fused_combine") if fused_combine is None else fused_combine:
             counters = _counters(any_q.device, rows)
     fused = counters is not None
-    _sparse_decode_kernel[(n_split, rows)](
+    _sparse_decode_kernel[(B * (Hs * G * ns + Hr * G * nr),)](
         qs, sk, sv, rk, rv, qr, pk, pv, pg, lengths, os_, or_, opart, mlpart,
         counters if fused else lengths,
         *qs.stride(), *sk.stride(), *sv.stride(), *rk.stride(), *rv.stride(), *qr.stride(),
         *pk.stride(), *pv.stride(), *pg_stride, *os_.stride(), *or_.stride(),
-        Hs, Hr, G, sink, local, page_size, T // page_size, n_slots,
-        float(scale) * 1.4426950408889634, sps, slps,
+        B, Hs, Hr, G, sink, local, page_size, T // page_size, n_slots,
+        float(scale) * 1.4426950408889634, sps, slps, ns, nr,
         BLOCK_T=block_t, PAGE_PAD=page_pad, HEAD_DIM=D, DIRECT=direct, FUSED=fused,
         SPLIT_PAD=triton.next_power_of_2(n_split), num_warps=num_warps, num_stages=num_stages)
     if not direct and not fused:
         _combine_kernel[(rows,)](
-            opart, mlpart, os_, or_, *os_.stride(), *or_.stride(), Hs, Hr, G, n_split,
+            opart, mlpart, os_, or_, *os_.stride(), *or_.stride(), Hs, Hr, G, ns, nr,
             SPLIT_PAD=triton.next_power_of_2(n_split), HEAD_DIM=D, num_warps=4 if n_split >= 16 else 1)
     return out_stream, out_retr

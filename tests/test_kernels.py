@@ -52,7 +52,8 @@ def _randn(*shape, dtype):
 # --------------------------------------------------------------------------------- prefill
 
 def _check_prefill(B, Hq, Hkv, Sq, Skv, D, streaming, sink, local, q_offset=0, kv_start=None,
-                   sliding_window=None, dtype=torch.float32, config=SMALL, scale=None):
+                   sliding_window=None, dtype=torch.float32, config=SMALL, scale=None, tma=None,
+                   head_major=None):
     q = _randn(B, Hq, Sq, D, dtype=dtype)
     k = _randn(B, Hkv, Skv, D, dtype=dtype)
     v = _randn(B, Hkv, Skv, D, dtype=dtype)
@@ -60,7 +61,7 @@ def _check_prefill(B, Hq, Hkv, Sq, Skv, D, streaming, sink, local, q_offset=0, k
     start = None if kv_start is None else torch.tensor(kv_start, device=DEV)
     out = torch.full_like(q, float("nan"))                      # poisoned: every element must be written
     got = block_sparse_prefill(q, k, v, stream, sink, local, q_offset, start, scale, sliding_window,
-                               out=out, config=config)
+                               out=out, config=config, tma=tma, head_major=head_major)
     assert got.data_ptr() == out.data_ptr() and got.dtype == dtype
     assert not torch.isnan(out).any()
     ref = R.prefill_attention(q.double(), k.double(), v.double(), stream, sink, local, q_offset,
@@ -77,11 +78,12 @@ def test_prefill_gqa_mixed_heads(G, D):
     _check_prefill(1, 2 * G, 2, 75, 75, D, [True, False], sink=5, local=21)
 
 
-def test_prefill_offset_kv_start_chunked():
+@pytest.mark.parametrize("head_major", [False, True])
+def test_prefill_offset_kv_start_chunked(head_major):
     torch.manual_seed(1)
-    # a query chunk at offset 61 into a 131-key cache, left padding per row
+    # a query chunk at offset 61 into a 131-key cache, left padding per row; both launch orders
     _check_prefill(2, 8, 2, 70, 131, 64, [True, False], sink=7, local=19, q_offset=61,
-                   kv_start=[0, 13])
+                   kv_start=[0, 13], head_major=head_major)
 
 
 def test_prefill_all_streaming_and_all_dense():
@@ -101,6 +103,30 @@ def test_prefill_bf16_default_blocks():
     # the tuned (Hopper) block sizes, with a local window that is not a block multiple
     _check_prefill(1, 4, 2, 150, 150, 64, [True, False], sink=9, local=70, dtype=torch.bfloat16,
                    config=None)
+
+
+@pytest.mark.parametrize("case", ["gqa8_d64", "gqa4_d128_offset_start", "gqa1_window_all_streaming"])
+@pytest.mark.parametrize("head_major", [False, True])
+def test_prefill_tma_path(case, head_major):
+    """Tiles moved by tensor descriptors (Hopper's copy engine; the interpreter emulates it): keys
+    past the cache and query rows past the chunk come back as zeros, output rows past it are
+    clipped, so odd lengths, chunk offsets and padding give the reference result."""
+    torch.manual_seed(40 + len(case))
+    kw = dict(dtype=torch.bfloat16, tma=True, head_major=head_major)
+    if case == "gqa8_d64":
+        _check_prefill(1, 16, 2, 75, 75, 64, [True, False], sink=5, local=21, **kw)
+    elif case == "gqa4_d128_offset_start":
+        _check_prefill(2, 8, 2, 70, 131, 128, [False, True], sink=7, local=19, q_offset=61,
+                       kv_start=[0, 13], **kw)
+    else:
+        _check_prefill(2, 3, 3, 53, 53, 64, [True] * 3, sink=0, local=11, sliding_window=23,
+                       kv_start=[4, 0], **kw)
+
+
+def test_prefill_tma_refuses_unaligned_layouts():
+    q = _randn(1, 2, 8, 64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="tma=True"):
+        block_sparse_prefill(q, q, q, torch.tensor([False, True], device=DEV), 4, 4, tma=True)
 
 
 def test_prefill_unseen_queries_get_zeros():
