@@ -125,7 +125,7 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, s
 
 @triton.jit
 def _block_sparse_prefill_kernel(
-        Q, K, V, O, QD, KD, VD, OD, STREAM, KV_START, ORDER,
+        Q, K, V, O, QD, KD, VD, OD, STREAM, KV_START, ORDER, KVMAP,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -142,12 +142,13 @@ def _block_sparse_prefill_kernel(
         pid_m = n_m - 1 - pid % n_m
         b = idx % B
         h = tl.load(ORDER + idx // B)
+        hk = tl.load(KVMAP + idx // B)
     else:
         pid_bh = tl.program_id(0)
         pid_m = tl.num_programs(1) - 1 - tl.program_id(1)   # heaviest (latest) query blocks first
         b = pid_bh // Hq
         h = pid_bh % Hq
-    hk = h // G
+        hk = h // G
 
     start = 0
     if HAS_START:
@@ -231,7 +232,8 @@ def _block_sparse_prefill_kernel(
 
 
 def block_sparse_prefill(q, k, v, streaming, sink, local, q_offset=0, kv_start=None, scale=None,
-                         sliding_window=None, out=None, *, config=None, tma=None, head_major=None):
+                         sliding_window=None, out=None, *, config=None, tma=None, head_major=None,
+                         q_heads=None):
     """LServe prefill attention in one launch; same result as ``reference.prefill_attention``.
 
     q ``[B, Hq, Sq, D]``; k, v ``[B, Hkv, Skv, D]`` (Hq a multiple of Hkv, KV never repeated);
@@ -241,12 +243,16 @@ def block_sparse_prefill(q, k, v, streaming, sink, local, q_offset=0, kv_start=N
     overrides ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (for tuning). ``tma``: move tiles with
     the tensor copy engine; None (default) = on Hopper and newer when the layouts allow it.
     ``head_major``: launch order, one head's query blocks after another with the dense heads
-    first (True), or all heads of one query block after another (False); None: ``PREFILL_ORDER``."""
+    first (True), or all heads of one query block after another (False); None: ``PREFILL_ORDER``.
+    ``q_heads``: compute only these query heads of q (int ``[Hkv * G]``, the G heads of k's KV head
+    j at ``j*G .. j*G + G-1``) and write only them into ``out``: a prompt chunk whose two head kinds
+    keep their keys in different stores runs one call per store without copying q or out."""
     B, Hq, Sq, D = q.shape
     Bk, Hkv, Skv, Dk = k.shape
-    if Bk != B or Dk != D or v.shape != k.shape or Hq % Hkv:
+    n_heads = Hq if q_heads is None else q_heads.numel()
+    if Bk != B or Dk != D or v.shape != k.shape or n_heads % max(Hkv, 1):
         raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
-                         "[B, Hq, Sq, D] / [B, Hkv, Skv, D] with Hq a multiple of Hkv")
+                         "[B, Hq, Sq, D] / [B, Hkv, Skv, D] with Hq (or len(q_heads)) a multiple of Hkv")
     if D not in PREFILL_CONFIG:
         raise ValueError(f"head dim {D} is not supported (supported: {sorted(PREFILL_CONFIG)})")
     if streaming.numel() != Hkv:
@@ -265,24 +271,29 @@ def block_sparse_prefill(q, k, v, streaming, sink, local, q_offset=0, kv_start=N
     start = kv_start.to(device=q.device, dtype=torch.int32) if has_start else stream
     window = _BIG.value if sliding_window is None else int(sliding_window)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    if Sq == 0 or B * Hq == 0:
+    if Sq == 0 or B * n_heads == 0:
         return out
+    G = n_heads // Hkv
     if head_major is None:
         head_major = PREFILL_ORDER["head_major"]
-    if head_major:
-        grid = (B * Hq * triton.cdiv(Sq, bm),)
-        order = torch.argsort(stream.repeat_interleave(Hq // Hkv), stable=True).to(torch.int32)
+    if q_heads is not None:
+        head_major = True   # the listed heads are what the head-major grid walks
+        order = q_heads.to(device=q.device, dtype=torch.int32)
+        kvmap = torch.arange(n_heads, device=q.device, dtype=torch.int32) // G
+    elif head_major:
+        order = torch.argsort(stream.repeat_interleave(G), stable=True).to(torch.int32)
+        kvmap = order // G   # q head h belongs to KV head h // G
     else:
-        grid = (B * Hq, triton.cdiv(Sq, bm))
-        order = stream   # unused
+        order = kvmap = stream   # unused
+    grid = (B * n_heads * triton.cdiv(Sq, bm),) if head_major else (B * Hq, triton.cdiv(Sq, bm))
     if tma:
         descs = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn), _descriptor(out, bm))
     else:
         descs = (q, k, v, out)   # unused
     _block_sparse_prefill_kernel[grid](
-        q, k, v, out, *descs, stream, start, order,
+        q, k, v, out, *descs, stream, start, order, kvmap,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        B, Hq, Hq // Hkv, Sq, Skv, int(q_offset), int(sink), int(local), window,
+        B, Hq, G, Sq, Skv, int(q_offset), int(sink), int(local), window,
         scale * 1.4426950408889634,
         HEAD_MAJOR=bool(head_major), HAS_START=has_start, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PREC=prec, UPCAST=q.device.type == "cpu",
         TMA=bool(tma), num_warps=warps, num_stages=stages)

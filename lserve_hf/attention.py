@@ -57,11 +57,16 @@ def lserve_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.transpose(1, 2).contiguous(), None
 
 
+def _kv_start(attention_mask, n_keys):
+    """Each row's first real key (left padding), or None without padding."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    kv_start = (~attention_mask[:, -n_keys:].bool()).sum(1)
+    return kv_start if bool(kv_start.any()) else None   # one sync per prefill, not per step
+
+
 def _prefill(query, key, value, attention_mask, plan, cfg, scale, sliding_window):
-    kv_start = None
-    if attention_mask is not None and attention_mask.dim() == 2:
-        kv_start = (~attention_mask[:, -key.shape[2]:].bool()).sum(1)
-        kv_start = kv_start if bool(kv_start.any()) else None   # one sync per prefill, not per step
+    kv_start = _kv_start(attention_mask, key.shape[2])
     if use_triton(cfg.backend, query):
         if query.shape[-1] in (64, 128):
             from .kernels import block_sparse_prefill
@@ -94,10 +99,26 @@ def _chunk_prefill(query, layer, attention_mask, plan, cfg, scale, sliding_windo
     B, Hq, S, D = query.shape
     Hkv = plan.streaming.numel()
     G, T = Hq // Hkv, layer.seq_len
+    st, rt = plan.heads(query.device)
+    stores = ((False, rt, layer.pool_k, layer.pool_v), (True, st, layer.chunk_k, layer.chunk_v))
+    if use_triton(cfg.backend, query) and D in (64, 128):
+        from .kernels import block_sparse_prefill
+
+        # One launch per store, each computing its kind's query heads of the whole query in
+        # place: no copy of the queries in or of the output out.
+        out = torch.empty_like(query)
+        kv_start = _kv_start(attention_mask, T)
+        for streams, heads, k, v in stores:
+            if heads.numel():
+                q_heads = (heads[:, None] * G + torch.arange(G, device=heads.device)).flatten()
+                block_sparse_prefill(query, k[:, :, :T], v[:, :, :T],
+                                     _kind_plan(heads.numel(), streams).streaming.to(query.device),
+                                     cfg.prefill_sink, cfg.prefill_local, T - S, kv_start, scale,
+                                     sliding_window, out=out, q_heads=q_heads)
+        return out
     q = query.view(B, Hkv, G, S, D)
     out = torch.empty_like(q)
-    st, rt = plan.heads(q.device)
-    for streams, heads, k, v in ((False, rt, layer.pool_k, layer.pool_v), (True, st, layer.chunk_k, layer.chunk_v)):
+    for streams, heads, k, v in stores:
         if heads.numel():
             qh = q.index_select(1, heads).flatten(1, 2)
             o = _prefill(qh, k[:, :, :T], v[:, :, :T], attention_mask, _kind_plan(heads.numel(), streams),
