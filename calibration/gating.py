@@ -120,6 +120,8 @@ def gate_attention(module, query, key, value, attention_mask, scaling=None, **kw
     gate.seen.add(idx)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     Hq, Hkv = query.shape[1], key.shape[1]
+    if not gate.exact and not gate.alpha.requires_grad and bool((gate.alpha[idx] == 1).all()):
+        return out, w  # every head of the layer full: the streaming branch has weight 0 (measuring probes)
     a = gate.alpha[idx].to(out.device, torch.float32).repeat_interleave(Hq // Hkv).view(1, 1, Hq, 1)
     if gate.exact:
         stream = gate.stream(query, key, value, out, scale)

@@ -25,6 +25,11 @@ usable pattern in a minute of CPU instead, from the attention weights of the unp
    answer loses when that head streams. Signal = mean over prompts of ``max(g, 0)`` (``grad_reduce=
    "relu"``) or of ``g`` (``"mean"``). Optionally (``refine=n``) the ``n`` heads nearest the
    ``refine_sparsity`` threshold are re-ranked by the measured log-prob drop of streaming each.
+   ``ablation`` (per KV head): the same gates, measured instead of differentiated: stream that
+   head alone (``alpha = 0`` for it, 1 elsewhere; sink + local in prefill and decode alike) and
+   take the drop of the answer's log-prob, ``log p_dense - log p_streamed``. One forward per
+   (KV head, prompt): ``num_layers x num_kv_heads`` times the cost of a plain forward per prompt.
+   Signal = mean over prompts of ``max(drop, 0)`` (``grad_reduce="relu"``) or of the drop.
 4. Score = the signal averaged over prompts, divided by its maximum: ``[num_layers,
    num_kv_heads]`` in [0, 1], higher = keep dense (retrieval head).
 
@@ -213,6 +218,83 @@ def _refine(model, prompts, signal, sink, local, n, sparsity, dense_logp, device
     return new.view(n_layers, n_kv), {"candidates": cand, "drops": drops, "base_logp": ref}
 
 
+def _decoder_parts(model):
+    """(decoder layers, final norm, LM head) of a Llama-like causal LM, or None."""
+    base = getattr(model, "model", None)
+    layers, norm = getattr(base, "layers", None), getattr(base, "norm", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if layers is None or norm is None or head is None or len(layers) != model.config.num_hidden_layers:
+        return None
+    return layers, norm, head
+
+
+def _answer_logprob_from(parts, start, inputs, n_query, answer, ids):
+    """``_answer_logprob`` resumed at decoder layer ``start`` from the recorded layer inputs
+    (``inputs[j] = (hidden_states, kwargs)`` of a forward whose layers below ``start`` match)."""
+    layers, norm, head = parts
+    h = inputs[start][0]
+    for j in range(start, len(layers)):
+        h = layers[j](h, **inputs[j][1])
+        if isinstance(h, tuple):
+            h = h[0]
+    logp = torch.log_softmax(head(norm(h[:, -n_query:]))[0].float(), dim=-1)
+    if answer is not None:
+        tgt = torch.as_tensor(list(answer)[-n_query:], dtype=torch.long, device=logp.device)
+    else:
+        fed = ids[0, ids.shape[1] - n_query + 1:]
+        tgt = torch.cat([fed.to(logp.device), logp[-1:].argmax(-1)])
+    return float(logp.gather(-1, tgt[:, None]).sum())
+
+
+@torch.no_grad()
+def _probe_ablation(model, prompts, sink, local, progress, reduce):
+    """Measured log-prob drop of streaming each KV head alone (the others dense)."""
+    from tqdm.auto import tqdm
+
+    cfg = model.config
+    n_layers, n_kv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    device = next(model.parameters()).device
+    drops = torch.zeros(len(prompts), n_layers, n_kv, dtype=torch.float64)
+    dense_logp = torch.zeros(len(prompts), dtype=torch.float64)
+    parts = _decoder_parts(model)
+    with gated(model):
+        bar = tqdm(total=len(prompts) * (n_layers * n_kv + 1), desc="probing heads (ablation)",
+                   disable=not progress)
+        for i, p in enumerate(prompts):
+            ids = p.input_ids.reshape(1, -1).to(device)
+            r = max(1, int(p.n_query))
+            ones = torch.ones(n_layers, n_kv, dtype=torch.float32, device=device)
+            inputs = {}
+            hooks = [] if parts is None else [
+                layer.register_forward_pre_hook(
+                    lambda m, a, kw, j=j: inputs.__setitem__(j, (a[0] if a else kw["hidden_states"], kw)),
+                    with_kwargs=True)
+                for j, layer in enumerate(parts[0])]
+            try:
+                with applied(Gate(ones, sink, local)) as gate:
+                    dense_logp[i] = float(_answer_logprob(model, ids, r, p.answer, gate))
+            finally:
+                for h in hooks:
+                    h.remove()
+            check_seen(gate, n_layers, "The probe")
+            bar.update()
+            for layer in range(n_layers):
+                for head in range(n_kv):
+                    alpha = ones.clone()
+                    alpha[layer, head] = 0.0
+                    with applied(Gate(alpha, sink, local)) as gate:
+                        if parts is not None and len(inputs) == n_layers:
+                            # the layers below the streamed head are the dense pass's: start at its layer
+                            lp = _answer_logprob_from(parts, layer, inputs, r, p.answer, ids)
+                        else:
+                            lp = float(_answer_logprob(model, ids, r, p.answer, gate))
+                    drops[i, layer, head] = dense_logp[i] - lp
+                    bar.update()
+        bar.close()
+    per_prompt = drops.clamp_min(0) if reduce == "relu" else drops
+    return per_prompt.mean(0), drops, dense_logp
+
+
 def passkey_probe_prompts(tokenizer, lengths: Iterable[int], depths: Iterable[float],
                           seeds: Iterable[int] = (0,)) -> list[ProbePrompt]:
     """Passkey prompts (no chat template) with the answer appended; query rows are the positions
@@ -260,7 +342,9 @@ def probe_heads(model, tokenizer=None, lengths: Sequence[int] = (2000, 3000),
             needle); "far" / "needle": one of the two;
             "deviation": how much streaming the head would change the layer's attention output at
             the query rows; "gradient": the gate gradient of the answer's log-prob (module doc,
-            step 3; one forward + backward per prompt, about 3x the cost of the others).
+            step 3; one forward + backward per prompt, about 3x the cost of the others);
+            "ablation": the measured drop of the answer's log-prob when that KV head alone streams
+            (``num_layers x num_kv_heads + 1`` forwards per prompt).
         needle_weight: weight of the needle mass for ``metric="mass"`` (0..1).
         group_reduce: "max" or "mean" over the query heads of a GQA group.
         prompts: pre-tokenized prompts instead of passkey ones: ``ProbePrompt``s or 1-D id tensors
@@ -269,8 +353,10 @@ def probe_heads(model, tokenizer=None, lengths: Sequence[int] = (2000, 3000),
         return_details: also return a dict with the unnormalised ``far``, ``needle`` and
             ``deviation`` matrices ``[num_layers, num_kv_heads]`` and the runtime (for "gradient":
             ``gradient`` ``[n_prompts, num_layers, num_kv_heads]``, ``dense_logp``, ``signal``,
-            ``refined``).
-        grad_reduce: "relu" (mean of ``max(g, 0)``) or "mean" (mean of ``g``), for "gradient".
+            ``refined``; for "ablation": ``drop`` ``[n_prompts, num_layers, num_kv_heads]``,
+            ``dense_logp``, ``signal``).
+        grad_reduce: "relu" (mean of ``max(g, 0)``) or "mean" (mean of ``g``), for "gradient";
+            the same over the measured drops for "ablation".
         refine, refine_sparsity: for "gradient", re-rank the ``refine`` heads nearest the
             ``refine_sparsity`` quantile by the measured drop (``refine`` x ``n_prompts`` extra
             forwards); 0 (default) = first order only.
@@ -278,8 +364,9 @@ def probe_heads(model, tokenizer=None, lengths: Sequence[int] = (2000, 3000),
     Returns: float32 tensor ``[num_layers, num_kv_heads]`` in [0, 1] (max-normalised; higher means
     keep the head dense), ready for ``save_pattern`` / ``patch_model(head_pattern=...)``.
     """
-    if metric not in ("gradient", "deviation", "mass", "far", "needle"):
-        raise ValueError(f"metric={metric!r} must be 'gradient', 'deviation', 'mass', 'far' or 'needle'.")
+    if metric not in ("gradient", "ablation", "deviation", "mass", "far", "needle"):
+        raise ValueError(f"metric={metric!r} must be 'gradient', 'ablation', 'deviation', 'mass', 'far' "
+                         "or 'needle'.")
     if grad_reduce not in ("relu", "mean"):
         raise ValueError(f"grad_reduce={grad_reduce!r} must be 'relu' or 'mean'.")
     if not 0.0 <= refine_sparsity <= 1.0:
@@ -298,21 +385,26 @@ def probe_heads(model, tokenizer=None, lengths: Sequence[int] = (2000, 3000),
     if not prompts:
         raise ValueError("probe_heads got no prompts.")
 
-    if metric == "gradient":
+    if metric in ("ablation", "gradient"):
         t0 = time.perf_counter()
-        signal, grads, dense_logp, refined = _probe_gradient(
-            model, prompts, sink, local, progress, int(refine), refine_sparsity, grad_reduce)
-        runtime = time.perf_counter() - t0
-        lo, hi = signal.min(), signal.max()
-        if grad_reduce == "relu" and refined is None:
-            score = signal.clamp_min(0) / hi.clamp_min(1e-12)
+        if metric == "ablation":
+            signal, per_prompt, dense_logp = _probe_ablation(model, prompts, sink, local, progress,
+                                                             grad_reduce)
+            details = {"drop": per_prompt.float()}
+            relu = grad_reduce == "relu"
         else:
-            score = (signal - lo) / (hi - lo).clamp_min(1e-12)
+            signal, per_prompt, dense_logp, refined = _probe_gradient(
+                model, prompts, sink, local, progress, int(refine), refine_sparsity, grad_reduce)
+            details = {"gradient": per_prompt.float(), "refined": refined}
+            relu = grad_reduce == "relu" and refined is None
+        runtime = time.perf_counter() - t0
+        # relu signals are >= 0: scale by the max so a head with no signal scores 0; others min-max
+        lo, hi = signal.min(), signal.max()
+        score = signal.clamp_min(0) / hi.clamp_min(1e-12) if relu else (signal - lo) / (hi - lo).clamp_min(1e-12)
         score = score.clamp(0, 1).float()
         if return_details:
-            return score, {"gradient": grads.float(), "dense_logp": dense_logp.float(),
-                           "signal": signal.float(), "refined": refined, "runtime_s": runtime,
-                           "n_prompts": len(prompts)}
+            return score, {**details, "dense_logp": dense_logp.float(), "signal": signal.float(),
+                           "runtime_s": runtime, "n_prompts": len(prompts)}
         return score
     with torch.no_grad():
         return _probe_attention_metrics(model, prompts, sink, local, metric, needle_weight,

@@ -241,3 +241,36 @@ def test_gradient_refine_permutes_band(tiny):
     for i in range(6):
         if i not in cand:
             assert float(s0.flatten()[i]) == pytest.approx(float(s1.flatten()[i]))
+
+
+# --- metric="ablation": the measured log-prob drop of streaming one KV head alone ------------------
+
+
+def test_ablation_drops_are_measured_log_prob_drops(tiny):
+    prompts = _prompts(9, n=2)
+    before = tiny.config._attn_implementation
+    s, det = probe_heads(tiny, prompts=prompts, sink=SINK, local=LOCAL, metric="ablation",
+                         grad_reduce="mean", progress=False, return_details=True)
+    assert s.shape == (3, 2) and s.dtype == torch.float32
+    assert float(s.min()) == pytest.approx(0.0) and float(s.max()) == pytest.approx(1.0)
+    assert det["drop"].shape == (2, 3, 2) and det["dense_logp"].shape == (2,)
+    assert tiny.config._attn_implementation == before
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            dense = float(_gate_logp(tiny, p, torch.ones(3, 2)))
+            assert float(det["dense_logp"][i]) == pytest.approx(dense, abs=1e-4)
+            for layer, head in [(0, 1), (2, 0)]:
+                a = torch.ones(3, 2)
+                a[layer, head] = 0.0
+                drop = dense - float(_gate_logp(tiny, p, a))
+                assert float(det["drop"][i, layer, head]) == pytest.approx(drop, abs=1e-4)
+    torch.testing.assert_close(det["signal"], det["drop"].mean(0))
+    r = probe_heads(tiny, prompts=prompts, sink=SINK, local=LOCAL, metric="ablation", progress=False)
+    relu = det["drop"].clamp_min(0).mean(0)
+    torch.testing.assert_close(r, (relu / relu.max()).float())
+
+
+def test_ablation_zero_when_window_covers_everything(tiny):
+    s, det = probe_heads(tiny, prompts=_prompts(5, n=1), sink=SINK, local=1000, metric="ablation",
+                         progress=False, return_details=True)
+    assert float(det["drop"].abs().max()) == 0.0 and float(s.max()) == 0.0
