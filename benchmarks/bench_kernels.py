@@ -37,7 +37,6 @@ PAGE, LOGICAL, BUDGET, INTERVAL = 64, 16, 4096, 4
 DEVICE = "cuda"
 ROTATE = 4  # decode input sets cycled through (distinct "layers")
 SWEEP_PREFILL, SWEEP_DECODE, SWEEP_SELECT = 32768, 131072, 524288  # context lengths of --sweep
-PREFILL_CHECK_LONG = True  # --sweep re-times its fastest prefill configs at 128K
 
 
 def _kernels():
@@ -311,11 +310,13 @@ def sweep(device, parts=("prefill", "decode", "select")):
         key = "prefill_tma" if tma else "prefill"
         if key not in best or total < best[key][1]:
             best[key] = (cfg, total)
-    if "prefill" in parts and PREFILL_CHECK_LONG:
-        # The two fastest at 32K again at 128K, where the kernel spends its time in long loops.
+    if "prefill" in parts and out["prefill"]:
+        # The three fastest at 32K (and the fastest pointer-load one) again at 128K, where the
+        # kernel spends its time in long loops.
         ranked = sorted(out["prefill"], key=lambda r: r["dense_ms"] + r["stream50_ms"])[:3]
-        if not any(not r["tma"] for r in ranked):
-            ranked.append(next(r for r in out["prefill"] if not r["tma"]))
+        pointer = next((r for r in out["prefill"] if not r["tma"]), None)
+        if pointer is not None and pointer not in ranked:
+            ranked.append(pointer)
         for r in ranked:
             rows = []
             bench_prefill([131072], [1024], rows, [], device, config=r["config"], with_flex=False,

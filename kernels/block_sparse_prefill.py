@@ -125,13 +125,13 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, s
 
 @triton.jit
 def _block_sparse_prefill_kernel(
-        Q, K, V, O, QD, KD, VD, OD, STREAM, KV_START, ORDER, KVMAP,
+        Q, K, V, O, QD, KD, VD, OD, STREAM, KV_START, ORDER,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
         B, Hq, G, Sq, Skv, q_offset, sink, local, window, qk_scale,
-        HEAD_MAJOR: tl.constexpr, HAS_START: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_MAJOR: tl.constexpr, LISTED: tl.constexpr, HAS_START: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     if HEAD_MAJOR:
         # One head's query blocks after another, heads in ORDER (dense heads first): the programs
@@ -142,7 +142,8 @@ def _block_sparse_prefill_kernel(
         pid_m = n_m - 1 - pid % n_m
         b = idx % B
         h = tl.load(ORDER + idx // B)
-        hk = tl.load(KVMAP + idx // B)
+        # LISTED: ORDER is the caller's q_heads, G per KV head of K in K's order
+        hk = (idx // B) // G if LISTED else h // G
     else:
         pid_bh = tl.program_id(0)
         pid_m = tl.num_programs(1) - 1 - tl.program_id(1)   # heaviest (latest) query blocks first
@@ -279,22 +280,20 @@ def block_sparse_prefill(q, k, v, streaming, sink, local, q_offset=0, kv_start=N
     if q_heads is not None:
         head_major = True   # the listed heads are what the head-major grid walks
         order = q_heads.to(device=q.device, dtype=torch.int32)
-        kvmap = torch.arange(n_heads, device=q.device, dtype=torch.int32) // G
     elif head_major:
         order = torch.argsort(stream.repeat_interleave(G), stable=True).to(torch.int32)
-        kvmap = order // G   # q head h belongs to KV head h // G
     else:
-        order = kvmap = stream   # unused
+        order = stream   # unused
     grid = (B * n_heads * triton.cdiv(Sq, bm),) if head_major else (B * Hq, triton.cdiv(Sq, bm))
     if tma:
         descs = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn), _descriptor(out, bm))
     else:
         descs = (q, k, v, out)   # unused
     _block_sparse_prefill_kernel[grid](
-        q, k, v, out, *descs, stream, start, order, kvmap,
+        q, k, v, out, *descs, stream, start, order,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         B, Hq, G, Sq, Skv, int(q_offset), int(sink), int(local), window,
         scale * 1.4426950408889634,
-        HEAD_MAJOR=bool(head_major), HAS_START=has_start, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PREC=prec, UPCAST=q.device.type == "cpu",
+        HEAD_MAJOR=bool(head_major), LISTED=q_heads is not None, HAS_START=has_start, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PREC=prec, UPCAST=q.device.type == "cpu",
         TMA=bool(tma), num_warps=warps, num_stages=stages)
     return out

@@ -242,12 +242,12 @@ def _split_plan(rows_s, rows_r, stream_tokens, n_slots, page_size, block_t, page
     min_tokens = DECODE_PLAN["min_split_tokens"]
     if n_split is None:
         ns = triton.cdiv(max(stream_tokens, 1), min_tokens)
-        nr = min(triton.cdiv(DECODE_PLAN["target_programs"], max(rows_r, 1)),
-                 triton.cdiv(max(n_slots * page_size, 1), min_tokens))
+        nr = max(1, min(triton.cdiv(DECODE_PLAN["target_programs"], max(rows_r, 1)),
+                        triton.cdiv(max(n_slots * page_size, 1), min_tokens)))
     else:
         ns = nr = max(1, int(n_split))
-    sps = triton.cdiv(triton.cdiv(max(stream_tokens, 1), max(ns, 1)), block_t) * block_t
-    slps = triton.cdiv(triton.cdiv(max(n_slots, 1), max(nr, 1)), pages_per_step) * pages_per_step
+    sps = triton.cdiv(triton.cdiv(max(stream_tokens, 1), ns), block_t) * block_t
+    slps = triton.cdiv(triton.cdiv(max(n_slots, 1), nr), pages_per_step) * pages_per_step
     ns = max(triton.cdiv(stream_tokens, sps), 1)
     nr = max(triton.cdiv(n_slots, slps), 1)
     return ns, sps, nr, slps

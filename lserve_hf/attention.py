@@ -71,7 +71,7 @@ def _prefill(query, key, value, attention_mask, plan, cfg, scale, sliding_window
         if query.shape[-1] in (64, 128):
             from .kernels import block_sparse_prefill
 
-            return block_sparse_prefill(query, key, value, plan.streaming.to(query.device), cfg.prefill_sink,
+            return block_sparse_prefill(query, key, value, plan.streaming_on(query.device), cfg.prefill_sink,
                                         cfg.prefill_local, key.shape[2] - query.shape[2], kv_start, scale,
                                         sliding_window)
         say_once(f"LServe: the Triton prefill supports head dims 64 and 128, not {query.shape[-1]}; "
@@ -108,11 +108,11 @@ def _chunk_prefill(query, layer, attention_mask, plan, cfg, scale, sliding_windo
         # place: no copy of the queries in or of the output out.
         out = torch.empty_like(query)
         kv_start = _kv_start(attention_mask, T)
-        for streams, heads, k, v in stores:
+        q_st, q_rt = plan.query_heads(query.device, G)
+        for (streams, heads, k, v), q_heads in zip(stores, (q_rt, q_st)):
             if heads.numel():
-                q_heads = (heads[:, None] * G + torch.arange(G, device=heads.device)).flatten()
                 block_sparse_prefill(query, k[:, :, :T], v[:, :, :T],
-                                     _kind_plan(heads.numel(), streams).streaming.to(query.device),
+                                     _kind_plan(heads.numel(), streams).streaming_on(query.device),
                                      cfg.prefill_sink, cfg.prefill_local, T - S, kv_start, scale,
                                      sliding_window, out=out, q_heads=q_heads)
         return out

@@ -50,6 +50,22 @@ class LayerPlan:
         """(streaming, retrieval) KV-head indices on ``device``, copied there once, not per step."""
         return self._indices(device)[:2]
 
+    def streaming_on(self, device) -> torch.Tensor:
+        """``streaming`` on ``device``, copied there once."""
+        key = ("streaming", str(device))
+        if key not in self._on_device:
+            self._on_device[key] = self.streaming.to(device)
+        return self._on_device[key]
+
+    def query_heads(self, device, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(streaming, retrieval) query-head indices on ``device`` (the ``group`` query heads of
+        each KV head of the kind, in that kind's order), built there once."""
+        key = (str(device), group)
+        if key not in self._on_device:
+            offs = torch.arange(group, device=device)
+            self._on_device[key] = tuple((h[:, None] * group + offs).flatten() for h in self.heads(device))
+        return self._on_device[key]
+
     def _mixed(self) -> bool:
         return 0 < self.n_stream < self.streaming.numel()
 

@@ -124,9 +124,14 @@ def test_prefill_tma_path(case, head_major):
 
 
 def test_prefill_tma_refuses_unaligned_layouts():
-    q = _randn(1, 2, 8, 64, dtype=torch.float32)
+    stream = torch.tensor([False, True], device=DEV)
+    q = _randn(1, 2, 8, 64, dtype=torch.float32)                     # 4-byte elements
     with pytest.raises(ValueError, match="tma=True"):
-        block_sparse_prefill(q, q, q, torch.tensor([False, True], device=DEV), 4, 4, tma=True)
+        block_sparse_prefill(q, q, q, stream, 4, 4, tma=True)
+    flat = _randn(2 * 8 * 64 + 1, dtype=torch.bfloat16)
+    shifted = flat[1:].view(1, 2, 8, 64)                              # base 2 bytes off alignment
+    with pytest.raises(ValueError, match="tma=True"):
+        block_sparse_prefill(shifted, shifted, shifted, stream, 4, 4, tma=True)
 
 
 @pytest.mark.parametrize("dtype,tma", [(torch.float32, False), (torch.bfloat16, True)])
