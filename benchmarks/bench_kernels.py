@@ -341,10 +341,19 @@ def sweep(device, parts=("prefill", "decode", "select")):
                    PAGE, scale, out_stream=s["out_s"], out_retr=s["out_r"])
 
     default_plan = dict(dec_mod.DECODE_PLAN)
-    for var in [{}, {"fused_combine": True}, {"target_programs": 512}, {"target_programs": 2048,
-                 "min_split_tokens": 64}, {"num_stages": 2}, {"num_stages": 2, "target_programs": 256},
-                {"num_warps": 8}, {"block_t": 32, "num_warps": 2, "target_programs": 2048,
-                 "min_split_tokens": 32}] if "decode" in parts else []:
+    fma = [{"mma": False, "target_programs": 1024, "min_split_tokens": 128, "num_stages": 1}]
+    # tensor-core decode: fewer, longer programs pay off only when the loads pipeline (stages);
+    # tma: retrieval pages through the copy engine
+    mma = [{"mma": True, "tma": False, "target_programs": 256, "min_split_tokens": 256, "num_stages": 2},
+           {"mma": True, "tma": False, "target_programs": 256, "min_split_tokens": 256, "num_stages": 2,
+            "block_t": 128, "num_warps": 8}]
+    mma += [{"mma": True, "tma": True, "target_programs": tp, "min_split_tokens": mt, "num_stages": st,
+             "num_warps": nw} for tp, mt in ((256, 256), (512, 128), (128, 512), (1024, 64))
+            for st in (2, 3, 4) for nw in (4,)]
+    mma += [{"mma": True, "tma": True, "target_programs": 256, "min_split_tokens": 256, "num_stages": 3,
+             "num_warps": 8}, {"mma": True, "tma": True, "fused_combine": True, "target_programs": 256,
+                               "min_split_tokens": 256, "num_stages": 3}]
+    for var in fma + mma if "decode" in parts else []:
         dec_mod.DECODE_PLAN.update(default_plan)
         dec_mod.DECODE_PLAN.update(var)
         try:
@@ -365,7 +374,10 @@ def sweep(device, parts=("prefill", "decode", "select")):
     # sum of the two.
     sets = _decode_sets(SWEEP_DECODE, 0.5, device, n_select)
     sel128 = {}
-    for var in [{}, {"topk": "radix"}, {"topk": "radix", "topk_warps": 8}] if "select" in parts else []:
+    sel_vars = [{"score": "fma", "chunk": 512}] + [
+        {"score": "dot", "score_dot_rows": r, "score_dot_warps": w, "topk": t, "chunk": 512}
+        for r, w in ((64, 8), (32, 4), (64, 4)) for t in ("sort", "auto")]
+    for var in sel_vars if "select" in parts else []:
         sel_mod.SELECT_PLAN.update(default_sel)
         sel_mod.SELECT_PLAN.update(var)
         try:
@@ -389,7 +401,7 @@ def sweep(device, parts=("prefill", "decode", "select")):
         for s in sets:
             select_pages(s["q_retr"], s["kmax"], s["kmin"], s["lengths"], PAGE, LOGICAL, n_select)
 
-    for var in [{}, {"topk": "radix"}, {"topk": "radix", "topk_warps": 8}] if "select" in parts else []:
+    for var in sel_vars if "select" in parts else []:
         sel_mod.SELECT_PLAN.update(default_sel)
         sel_mod.SELECT_PLAN.update(var)
         try:

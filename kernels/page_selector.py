@@ -7,7 +7,9 @@ Two or three small launches, none of which waits on the host:
    the row's last page +inf (it is always chosen). Each score is packed with its page index
    into one int64 sort key (order-preserving float bits in the high half, ``2^31 - 1 - page``
    in the low half), so every key is distinct and "higher score first, then lower page first"
-   is plain descending order: the reference's stable-sort tie rule, exactly.
+   is plain descending order: the reference's stable-sort tie rule, exactly. By default
+   (``SELECT_PLAN["score"] == "dot"``) ``_score_dot_kernel`` computes the same bound for all G
+   query heads of a KV head at once as ``q+ . Kmax + q- . Kmin`` (two tensor-core products).
 2. top-k, by default (``SELECT_PLAN["topk"] == "sort"``) ``_topk_kernel``: each chunk of
    keys is sorted and keeps its best ``n_select``, then one more launch sorts the survivors
    (skipped when there is a single chunk). The alternative (``"auto"``) is
@@ -25,16 +27,34 @@ import torch
 import triton
 import triton.language as tl
 
-_MIN_CHUNK = 1024  # keys sorted per program in the first top-k round (tests lower it)
+_MIN_CHUNK = 0  # lower bound of SELECT_PLAN["chunk"] (tests set a small chunk through it)
 _MAX_THRESHOLD_ROW = 32768  # pages a threshold top-k program holds in registers
 # Launch knobs, the fastest of benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 4
-# retrieval heads x 4 queries; 128K / 512K: "sort" 31.0 / 59.1 us, "auto" 29.7 / 68.2,
-# "radix" 33.0 / 120.1: tl.histogram over 8K keys per program is slow there).
+# retrieval heads x 4 queries, graph replay; 128K / 512K): elementwise scores with 1024-key sort
+# chunks 31.0 / 59.1 us, with 512-key chunks 22.7 / 61.1; tensor-core scores ("dot") with
+# 512-key chunks 16.8 / 42.8 (scores alone 41.0 -> 22.6 us at 512K). The threshold search
+# ("auto") 23.5 / 49.4 after the dot scores; "radix" 33.0 / 120.1 (tl.histogram over 8K keys per
+# program is slow there).
 SELECT_PLAN = {
     "score_rows": 32,   # logical pages scored per program
     "score_warps": 4,
     "topk": "sort",     # "auto": threshold search when fewer slots than pages; "sort": sorting
+    "chunk": 512,       # keys sorted per program in the first top-k round ("sort")
+    # "dot": all G queries of a KV head at once on tensor cores, sum_c max(q_c Kmax_c, q_c Kmin_c)
+    # = q+ . Kmax + q- . Kmin (q+ = max(q, 0), q- = min(q, 0)); "fma": elementwise, query by query.
+    "score": "dot",
+    "score_dot_rows": 64,   # logical pages per program of the "dot" scorer
+    "score_dot_warps": 8,
 }
+
+
+@triton.jit
+def _sort_key(score, page):
+    """One int64 per page: the score's order-preserving bits high, 2^31 - 1 - page low."""
+    score = tl.where(score == 0.0, 0.0, score)                    # -0.0 ties +0.0
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)        # float order as int order
+    return (ordered.to(tl.int64) << 32) | (2147483647 - page).to(tl.int64)
 
 
 @triton.jit
@@ -77,13 +97,59 @@ def _score_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
         if LAST_INF:
             score = tl.where(page == n_pages - 1, float("inf"), score)
         if PACK:
-            score = tl.where(score == 0.0, 0.0, score)                    # -0.0 ties +0.0
-            bits = score.to(tl.int32, bitcast=True)
-            ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)        # float order as int order
-            key = (ordered.to(tl.int64) << 32) | (2147483647 - page).to(tl.int64)
-            tl.store(o_base + g * stride_og + page * stride_op, key, mask=page < P)
+            tl.store(o_base + g * stride_og + page * stride_op, _sort_key(score, page), mask=page < P)
         else:
             tl.store(o_base + g * stride_og + page * stride_op, score, mask=page < P)
+
+
+@triton.jit
+def _score_dot_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
+                      stride_qb, stride_qh, stride_qg, stride_qd,
+                      stride_sb, stride_sh, stride_sl, stride_sd,
+                      stride_ob, stride_oh, stride_og, stride_op,
+                      Hkv, G, P, NL, page_size, logical_page_size,
+                      LPP: tl.constexpr, BLOCK_L: tl.constexpr, M: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, PACK: tl.constexpr, LAST_INF: tl.constexpr,
+                      IEEE: tl.constexpr):
+    """_score_kernel's scores for BLOCK_L logical pages (BLOCK_L // LPP physical ones) of one
+    (row, KV head) and all its G query heads at once: two [M, D] x [D, BLOCK_L] tensor-core
+    products, the summaries read once per KV head instead of once per query head."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    length = tl.load(LENGTHS + b).to(tl.int32)
+    n_logical = (length + logical_page_size - 1) // logical_page_size
+    n_pages = (length + page_size - 1) // page_size
+    BLOCK_P: tl.constexpr = BLOCK_L // LPP
+    lpage = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    has_tok = (lpage < NL) & (lpage < n_logical)              # empty pages are not read
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = tl.arange(0, M)
+    s_off = (b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+             + lpage.to(tl.int64)[None, :] * stride_sl + offs_d[:, None] * stride_sd)   # [D, L]
+    kmax = tl.load(KMAX + s_off, mask=has_tok[None, :], other=0.0)
+    kmin = tl.load(KMIN + s_off, mask=has_tok[None, :], other=0.0)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q = tl.load(q_base + offs_m[:, None] * stride_qg + offs_d[None, :] * stride_qd,
+                mask=offs_m[:, None] < G, other=0.0)
+    if IEEE:   # fp32 inputs, or CPU tensors: the interpreter's tl.dot mis-multiplies bf16
+        q = q.to(tl.float32)
+        logical = tl.dot(tl.maximum(q, 0.0), kmax.to(tl.float32), input_precision="ieee")
+        logical += tl.dot(tl.minimum(q, 0.0), kmin.to(tl.float32), input_precision="ieee")
+    else:
+        logical = tl.dot(tl.where(q > 0, q, 0.0), kmax) + tl.dot(tl.where(q < 0, q, 0.0), kmin)
+    logical = tl.where(has_tok[None, :], logical, float("-inf"))             # [M, BLOCK_L]
+    score = tl.max(tl.reshape(logical, [M, BLOCK_P, LPP]), 2)                # [M, BLOCK_P]
+    page = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    if LAST_INF:
+        score = tl.where(page[None, :] == n_pages - 1, float("inf"), score)
+    o_off = offs_m[:, None] * stride_og + page[None, :] * stride_op
+    ok = (offs_m[:, None] < G) & (page[None, :] < P)
+    o_base = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    if PACK:
+        tl.store(o_base + o_off, _sort_key(score, page[None, :]), mask=ok)
+    else:
+        tl.store(o_base + o_off, score, mask=ok)
 
 
 @triton.jit
@@ -206,7 +272,18 @@ def _scores(q, kmax, kmin, lengths, page_size, logical_page_size, pack, last_inf
     out = torch.empty(B, Hkv, G, P, device=q.device, dtype=torch.int64 if pack else acc)
     lpp_pad = triton.next_power_of_2(lpp)
     block_p = max(1, SELECT_PLAN["score_rows"] // lpp_pad)
-    if out.numel():
+    use_dot = (SELECT_PLAN["score"] == "dot" and acc == torch.float32 and lpp == lpp_pad
+               and D >= 16 and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
+    if out.numel() and use_dot:
+        block_l = max(SELECT_PLAN["score_dot_rows"], 16, lpp)
+        _score_dot_kernel[(triton.cdiv(NL, block_l), B * Hkv)](
+            q, kmax, kmin, lengths.to(device=q.device), out,
+            *q.stride(), *kmax.stride(), *out.stride(),
+            Hkv, G, P, NL, page_size, logical_page_size,
+            LPP=lpp, BLOCK_L=block_l, M=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, PACK=pack,
+            LAST_INF=last_inf, IEEE=q.dtype == torch.float32 or q.device.type == "cpu",
+            num_warps=SELECT_PLAN["score_dot_warps"])
+    elif out.numel():
         _score_kernel[(triton.cdiv(P, block_p), B * Hkv)](
             q, kmax, kmin, lengths.to(device=q.device), out,
             *q.stride(), *kmax.stride(), *out.stride(),
@@ -266,7 +343,7 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select,
                                             IDX_BITS=max(1, p_pad.bit_length()), num_warps=warps)
         return out
     k_keep = triton.next_power_of_2(n_select)
-    chunk = max(_MIN_CHUNK, 2 * k_keep)
+    chunk = max(_MIN_CHUNK or SELECT_PLAN["chunk"], 2 * k_keep)
     n_chunks = triton.cdiv(P, chunk)
     if n_chunks <= 1:
         size = triton.next_power_of_2(max(P, n_select, 2))

@@ -1,7 +1,11 @@
 """Sparse paged decode attention (LServe section 3 "Decode"): one query token per head.
 
-One launch covers both kinds of head. Each program owns one query head of one row and one split
-of that head's keys (flash-decoding split-K):
+One launch covers both kinds of head. Each program owns one split of one head's keys
+(flash-decoding split-K). Two kernels do it: by default ``_sparse_decode_dot_kernel``, which
+computes q k^T and p v as tensor-core products on a 16-row query tile (a streaming program takes
+its KV head's whole GQA group, a retrieval program one query head); and ``_sparse_decode_kernel``,
+one query head per program with per-thread multiply-adds in fp32 (float64 inputs, and a measured
+baseline). Both read:
 
 * a streaming head reads its sink buffer and its ring buffer (``sink + local`` slots; which slots
   hold live tokens follows :func:`lserve_hf.streaming.streaming_decode_slots`);
@@ -19,20 +23,29 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_sparse_prefill import _descriptor, _tma_ok
+
 # Launch plan, the fastest of benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 128K,
-# 50% streaming: 26.4 us; 2048/64 tied, 528/256 with 3 stages 32.4 us). At batch 1 a split is a
-# page or two, so no program walks a long chain of page-table-then-page loads.
+# 50% streaming, graph replay): the per-thread FMA kernel 27.1 us at its best (1024 programs); the
+# tensor-core kernel ("mma") 19.2 us at 256 programs of 4 pages with 2 stages, 20.2 at 1024
+# programs of 1 page; its pages through the copy engine ("tma") 19.1, no faster, so off.
 DECODE_PLAN = {
-    "target_programs": 1024,   # programs to aim for (about 8 per multiprocessor of 132)
-    "min_split_tokens": 128,   # a split reads at least this many keys
+    "target_programs": 256,    # programs to aim for (about 2 per multiprocessor of 132)
+    "min_split_tokens": 256,   # a split reads at least this many keys
     "block_t": None,           # keys per step; None: max(64, page size rounded up to 2^k)
     "num_warps": 4,
-    "num_stages": 1,
+    "num_stages": 2,
     # Merge the splits in the decode launch itself (the last program of each head to finish
     # merges, through a per-head counter) instead of a second launch. The counters live in a
     # per-device buffer kept between calls, so calls must not run concurrently on two streams.
     # Off: slower on an H200 (2026-11-29, 128K 50%: 28.6 us against 26.4 with the merge launch).
     "fused_combine": False,
+    # q k^T and p v on tensor cores (_sparse_decode_dot_kernel); fp16 / bf16 / fp32 queries
+    # (float64 ones take the per-thread kernel).
+    "mma": True,
+    # retrieval pages through the tensor copy engine (sm90+, 2-byte pool, power-of-two page):
+    # None = when possible, False = never.
+    "tma": False,
 }
 
 _COUNTERS: dict = {}   # device -> int32 zeros, one counter per query head (reset by the kernel)
@@ -49,6 +62,17 @@ def _counters(device, n):
         buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
         _COUNTERS[device] = buf
     return buf
+
+
+@triton.jit
+def _ring_slots(idx, hi, sink, local, last):
+    """Ring slots of streaming slot numbers idx (>= sink) and whether each holds a live token:
+    the token in ring slot j is last - ((last - j) mod local), floor modulo."""
+    slot = idx - sink
+    rem = (last - slot) % local
+    rem = tl.where(rem < 0, rem + local, rem)
+    tok = last - rem
+    return slot, (idx < hi) & (tok >= sink) & (tok >= 0)
 
 
 @triton.jit
@@ -164,12 +188,7 @@ def _sparse_decode_kernel(
         rv = RV + b64 * srv_b + h * srv_h
         last = length - 1
         for t0 in range(tl.maximum(lo, sink), hi, BLOCK_T):
-            slot = t0 + offs_t - sink
-            # Token held by ring slot j: last - ((last - j) mod local), floor modulo.
-            rem = (last - slot) % local
-            rem = tl.where(rem < 0, rem + local, rem)
-            tok = last - rem
-            valid = (t0 + offs_t < hi) & (tok >= sink) & (tok >= 0)
+            slot, valid = _ring_slots(t0 + offs_t, hi, sink, local, last)
             k = tl.load(rk + slot[:, None] * srk_n + offs_d[None, :] * srk_d, mask=valid[:, None], other=0.0)
             v = tl.load(rv + slot[:, None] * srv_n + offs_d[None, :] * srv_d, mask=valid[:, None], other=0.0)
             acc, l_i, m_i = _online_update(acc, l_i, m_i, q, k, v, valid, qk_scale)
@@ -216,6 +235,166 @@ def _sparse_decode_kernel(
 
 
 @triton.jit
+def _dot_update(acc, l_i, m_i, q, k, v, valid, qk_scale, IEEE: tl.constexpr):
+    """Fold one block of keys into the running state of a [M, D] query tile, on tensor cores:
+    s = q k^T and acc += p v as matrix products (few registers: k and v stay in their dtype)."""
+    if IEEE:   # fp32 inputs, or CPU tensors: the interpreter's tl.dot mis-multiplies bf16
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return acc * alpha[:, None] + pv, l_i, m_new
+
+
+@triton.jit
+def _sparse_decode_dot_kernel(
+        QS, SK, SV, RK, RV, QR, PK, PV, PKD, PVD, PAGES, LENGTHS, OS, OR, OPART, MLPART, COUNTER,
+        sqs_b, sqs_h, sqs_g, sqs_d,
+        ssk_b, ssk_h, ssk_n, ssk_d,
+        ssv_b, ssv_h, ssv_n, ssv_d,
+        srk_b, srk_h, srk_n, srk_d,
+        srv_b, srv_h, srv_n, srv_d,
+        sqr_b, sqr_h, sqr_g, sqr_d,
+        spk_b, spk_h, spk_t, spk_d,
+        spv_b, spv_h, spv_t, spv_d,
+        spg_b, spg_h, spg_g, spg_k,
+        sos_b, sos_h, sos_g, sos_d,
+        sor_b, sor_h, sor_g, sor_d,
+        B, Hs, Hr, G, sink, local, page_size, n_pool_pages, n_slots, qk_scale,
+        stream_per_split, slots_per_split, n_split_s, n_split_r,
+        BLOCK_T: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, M: tl.constexpr,
+        DIRECT: tl.constexpr, IEEE: tl.constexpr, FUSED: tl.constexpr, SPLIT_PAD: tl.constexpr,
+        TMA: tl.constexpr):
+    """The decode of _sparse_decode_kernel with q k^T and p v as tensor-core products.
+
+    A streaming program owns one KV head's whole group (its G query heads share the sink and ring
+    buffers, so the keys are read once for all of them); a retrieval program owns one query head
+    (each selects its own pages), its query in row 0 of an M-row tile whose other rows are zero.
+    Work items: retrieval (query head, split) pairs first, then streaming (KV head, split) pairs.
+    TMA: a retrieval page (BLOCK_T == page size, a power of two) is one contiguous tile of the
+    pool, so the copy engine fetches it through the descriptors PKD, PVD ([B, Hr, T, D], block
+    [1, 1, page, D]) asynchronously, without a register or an address per element."""
+    pid = tl.program_id(0)
+    n_rows = B * (Hs + Hr) * G
+    n_retr = B * Hr * G * n_split_r
+    offs_m = tl.arange(0, M)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([M, HEAD_DIM], tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    if pid < n_retr:
+        r = pid // n_split_r
+        split = pid % n_split_r
+        b = r // (Hr * G)
+        h = ((r % (Hr * G)) // G).to(tl.int64)
+        g0 = r % G
+        n_q = 1
+        hh = Hs + h
+        n_split_row = n_split_r
+        row0 = (b * (Hs + Hr) + Hs + h) * G + g0
+    else:
+        r = (pid - n_retr) // n_split_s
+        split = (pid - n_retr) % n_split_s
+        b = r // Hs
+        h = (r % Hs).to(tl.int64)
+        g0 = 0
+        n_q = G
+        hh = h
+        n_split_row = n_split_s
+        row0 = (b * (Hs + Hr) + h) * G
+    b64 = b.to(tl.int64)
+    length = tl.load(LENGTHS + b).to(tl.int32)
+    live = offs_m < n_q
+
+    if pid >= n_retr:
+        q = tl.load(QS + b64 * sqs_b + h * sqs_h + offs_m[:, None] * sqs_g + offs_d[None, :] * sqs_d,
+                    mask=live[:, None], other=0.0)
+        lo = split * stream_per_split
+        hi = tl.minimum(lo + stream_per_split, sink + local)
+        sk = SK + b64 * ssk_b + h * ssk_h
+        sv = SV + b64 * ssv_b + h * ssv_h
+        for t0 in range(lo, tl.minimum(hi, sink), BLOCK_T):
+            slot = t0 + offs_t
+            valid = (slot < tl.minimum(hi, sink)) & (slot < length)
+            k = tl.load(sk + slot[:, None] * ssk_n + offs_d[None, :] * ssk_d, mask=valid[:, None], other=0.0)
+            v = tl.load(sv + slot[:, None] * ssv_n + offs_d[None, :] * ssv_d, mask=valid[:, None], other=0.0)
+            acc, l_i, m_i = _dot_update(acc, l_i, m_i, q, k, v, valid, qk_scale, IEEE)
+        rk = RK + b64 * srk_b + h * srk_h
+        rv = RV + b64 * srv_b + h * srv_h
+        last = length - 1
+        for t0 in range(tl.maximum(lo, sink), hi, BLOCK_T):
+            slot, valid = _ring_slots(t0 + offs_t, hi, sink, local, last)
+            k = tl.load(rk + slot[:, None] * srk_n + offs_d[None, :] * srk_d, mask=valid[:, None], other=0.0)
+            v = tl.load(rv + slot[:, None] * srv_n + offs_d[None, :] * srv_d, mask=valid[:, None], other=0.0)
+            acc, l_i, m_i = _dot_update(acc, l_i, m_i, q, k, v, valid, qk_scale, IEEE)
+    else:
+        q = tl.load(QR + b64 * sqr_b + h * sqr_h + g0 * sqr_g + offs_m[:, None] * 0 + offs_d[None, :] * sqr_d,
+                    mask=live[:, None], other=0.0)
+        lo = split * slots_per_split
+        hi = tl.minimum(lo + slots_per_split, n_slots)
+        pg = PAGES + b64 * spg_b + h * spg_h + g0 * spg_g
+        pk = PK + b64 * spk_b + h * spk_h
+        pv = PV + b64 * spv_b + h * spv_h
+        within = offs_t % PAGE_PAD
+        if TMA:
+            for s0 in range(lo, hi):
+                page = tl.load(pg + s0 * spg_k)
+                ok_page = (page >= 0) & (page < n_pool_pages)
+                first = (tl.where(ok_page, page, 0) * page_size).to(tl.int32)
+                valid = ok_page & (first + offs_t < length)
+                k = PKD.load([b.to(tl.int32), h.to(tl.int32), first, 0]).reshape(BLOCK_T, HEAD_DIM)
+                v = PVD.load([b.to(tl.int32), h.to(tl.int32), first, 0]).reshape(BLOCK_T, HEAD_DIM)
+                v = tl.where(valid[:, None], v, 0.0)   # tokens past the length may hold NaN
+                acc, l_i, m_i = _dot_update(acc, l_i, m_i, q, k, v, valid, qk_scale, IEEE)
+        else:
+            for s0 in range(lo, hi, BLOCK_T // PAGE_PAD):
+                slot = s0 + offs_t // PAGE_PAD
+                page = tl.load(pg + slot * spg_k, mask=slot < hi, other=-1)
+                tok = page * page_size + within
+                valid = (page >= 0) & (page < n_pool_pages) & (within < page_size) & (tok < length)
+                tok = tok.to(tl.int64)
+                k = tl.load(pk + tok[:, None] * spk_t + offs_d[None, :] * spk_d, mask=valid[:, None], other=0.0)
+                v = tl.load(pv + tok[:, None] * spv_t + offs_d[None, :] * spv_d, mask=valid[:, None], other=0.0)
+                acc, l_i, m_i = _dot_update(acc, l_i, m_i, q, k, v, valid, qk_scale, IEEE)
+
+    rows = row0 + offs_m
+    if DIRECT:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]   # a head that sees no key gets zeros
+        if pid >= n_retr:
+            tl.store(OS + b64 * sos_b + h * sos_h + offs_m[:, None] * sos_g + offs_d[None, :] * sos_d,
+                     out.to(OS.dtype.element_ty), mask=live[:, None])
+        else:
+            tl.store(OR + b64 * sor_b + h * sor_h + (g0 + offs_m[:, None]) * sor_g + offs_d[None, :] * sor_d,
+                     out.to(OR.dtype.element_ty), mask=live[:, None])
+    else:
+        part = split.to(tl.int64) * n_rows + rows
+        tl.store(OPART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=live[:, None])
+        tl.store(MLPART + part * 2, m_i, mask=live)
+        tl.store(MLPART + part * 2 + 1, l_i, mask=live)
+        if FUSED:
+            # The last split of this row group to finish merges its rows (see _sparse_decode_kernel).
+            tl.debug_barrier()
+            done = tl.atomic_add(COUNTER + row0, 1, sem="acq_rel")
+            if done == n_split_row - 1:
+                for j in range(n_q):
+                    out = _merge_splits(OPART, MLPART, row0 + j, n_rows, n_split_row, SPLIT_PAD,
+                                        HEAD_DIM, True)
+                    _store_head(out, OS, OR, b64, hh, g0 + j, Hs, sos_b, sos_h, sos_g, sos_d,
+                                sor_b, sor_h, sor_g, sor_d, offs_d)
+                tl.atomic_xchg(COUNTER + row0, 0)
+
+
+@triton.jit
 def _combine_kernel(OPART, MLPART, OS, OR,
                     sos_b, sos_h, sos_g, sos_d,
                     sor_b, sor_h, sor_g, sor_d,
@@ -232,6 +411,11 @@ def _combine_kernel(OPART, MLPART, OS, OR,
     n_split = tl.where(hh < Hs, n_split_s, n_split_r)
     out = _merge_splits(OPART, MLPART, row, n_rows, n_split, SPLIT_PAD, HEAD_DIM, False)
     _store_head(out, OS, OR, b, hh, g, Hs, sos_b, sos_h, sos_g, sos_d, sor_b, sor_h, sor_g, sor_d, offs_d)
+
+
+def _tma_pages_ok(pool_k, pool_v, page_size) -> bool:
+    return (page_size & (page_size - 1) == 0 and 16 <= page_size <= 256
+            and _tma_ok(pool_k, pool_v))
 
 
 def _split_plan(rows_s, rows_r, stream_tokens, n_slots, page_size, block_t, page_pad, n_split=None):
@@ -256,7 +440,7 @@ def _split_plan(rows_s, rows_r, stream_tokens, n_slots, page_size, block_t, page
 def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k, pool_v, pages,
                         lengths, sink, local, page_size, scale, out_stream=None, out_retr=None,
                         *, n_split=None, block_t=None, num_warps=None, num_stages=None,
-                        fused_combine=None):
+                        fused_combine=None, mma=None, tma=None):
     """Decode attention of streaming and retrieval heads in one launch (+ a merge launch).
 
     q_stream ``[B, Hs, G, D]``; sink_k/v ``[B, Hs, sink, D]``; ring_k/v ``[B, Hs, local, D]``;
@@ -264,7 +448,8 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
     ``[B, Hr, G, K]`` (-1 or >= T // page_size: empty slot); lengths ``[B]`` (the current token
     counted). Hs or Hr may be 0. Returns ``(out_stream, out_retr)`` in the queries' dtypes,
     written into ``out_stream`` / ``out_retr`` when given. ``n_split``, ``block_t`` and
-    ``num_warps``, ``num_stages`` override ``DECODE_PLAN`` (tuning only)."""
+    ``num_warps``, ``num_stages``, ``fused_combine``, ``mma``, ``tma`` override ``DECODE_PLAN``
+    (tuning only; ``tma=True`` raises where the copy engine cannot load the pool's pages)."""
     B, Hs, Gs, D = q_stream.shape
     _, Hr, Gr, Dr = q_retr.shape
     if out_stream is None:
@@ -314,6 +499,11 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
     lengths = lengths.to(device=any_q.device)
 
     direct = n_split == 1
+    mma_ok = any_q.dtype in (torch.float16, torch.bfloat16, torch.float32) and D >= 16
+    use_mma = DECODE_PLAN["mma"] and mma_ok if mma is None else mma
+    if use_mma and not mma_ok:
+        raise ValueError(f"the tensor-core decode takes fp16/bf16/fp32 queries and head dim >= 16, "
+                         f"got {any_q.dtype} and {D}; pass mma=False")
     counters = None
     if direct:
         opart = mlpart = os_  # unused
@@ -323,15 +513,41 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
         if DECODE_PLAN.get("fused_combine") if fused_combine is None else fused_combine:
             counters = _counters(any_q.device, rows)
     fused = counters is not None
-    _sparse_decode_kernel[(B * (Hs * G * ns + Hr * G * nr),)](
-        qs, sk, sv, rk, rv, qr, pk, pv, pg, lengths, os_, or_, opart, mlpart,
-        counters if fused else lengths,
-        *qs.stride(), *sk.stride(), *sv.stride(), *rk.stride(), *rv.stride(), *qr.stride(),
-        *pk.stride(), *pv.stride(), *pg_stride, *os_.stride(), *or_.stride(),
-        B, Hs, Hr, G, sink, local, page_size, T // page_size, n_slots,
-        float(scale) * 1.4426950408889634, sps, slps, ns, nr,
-        BLOCK_T=block_t, PAGE_PAD=page_pad, HEAD_DIM=D, DIRECT=direct, FUSED=fused,
-        SPLIT_PAD=triton.next_power_of_2(n_split), num_warps=num_warps, num_stages=num_stages)
+    if use_mma:
+        tma = DECODE_PLAN.get("tma") if tma is None else tma
+        tma_ok = bool(Hr) and _tma_pages_ok(pool_k, pool_v, page_size)
+        if tma and not tma_ok:
+            raise ValueError("tma=True needs 2-byte pool tensors with 16-byte aligned bases and "
+                             "strides, unit head-dim stride, and a power-of-two page of 16-256 tokens")
+        if tma is None:
+            tma = tma_ok and any_q.device.type == "cuda" and \
+                torch.cuda.get_device_capability(any_q.device)[0] >= 9
+        if tma:
+            pkd, pvd = _descriptor(pool_k, page_size), _descriptor(pool_v, page_size)
+            block_t = page_size
+        else:
+            pkd, pvd = pk, pv   # unused
+        _sparse_decode_dot_kernel[(B * (Hs * ns + Hr * G * nr),)](
+            qs, sk, sv, rk, rv, qr, pk, pv, pkd, pvd, pg, lengths, os_, or_, opart, mlpart,
+            counters if fused else lengths,
+            *qs.stride(), *sk.stride(), *sv.stride(), *rk.stride(), *rv.stride(), *qr.stride(),
+            *pk.stride(), *pv.stride(), *pg_stride, *os_.stride(), *or_.stride(),
+            B, Hs, Hr, G, sink, local, page_size, T // page_size, n_slots,
+            float(scale) * 1.4426950408889634, sps, slps, ns, nr,
+            BLOCK_T=block_t, PAGE_PAD=page_pad, HEAD_DIM=D, M=max(16, triton.next_power_of_2(G)),
+            DIRECT=direct, IEEE=any_q.dtype == torch.float32 or any_q.device.type == "cpu",
+            FUSED=fused, SPLIT_PAD=triton.next_power_of_2(n_split), TMA=bool(tma), num_warps=num_warps,
+            num_stages=num_stages)
+    else:
+        _sparse_decode_kernel[(B * (Hs * G * ns + Hr * G * nr),)](
+            qs, sk, sv, rk, rv, qr, pk, pv, pg, lengths, os_, or_, opart, mlpart,
+            counters if fused else lengths,
+            *qs.stride(), *sk.stride(), *sv.stride(), *rk.stride(), *rv.stride(), *qr.stride(),
+            *pk.stride(), *pv.stride(), *pg_stride, *os_.stride(), *or_.stride(),
+            B, Hs, Hr, G, sink, local, page_size, T // page_size, n_slots,
+            float(scale) * 1.4426950408889634, sps, slps, ns, nr,
+            BLOCK_T=block_t, PAGE_PAD=page_pad, HEAD_DIM=D, DIRECT=direct, FUSED=fused,
+            SPLIT_PAD=triton.next_power_of_2(n_split), num_warps=num_warps, num_stages=num_stages)
     if not direct and not fused:
         _combine_kernel[(rows,)](
             opart, mlpart, os_, or_, *os_.stride(), *or_.stride(), Hs, Hr, G, ns, nr,

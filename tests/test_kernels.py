@@ -288,10 +288,12 @@ def _summaries(B, Hkv, T, D, lengths, lp, dtype, integer, repeat_pages=0, page_s
                                                   ("auto", 1024, torch.bfloat16),
                                                   ("radix", 1024, torch.float32),
                                                   ("radix", 1024, torch.bfloat16)])
-def test_select_pages_exact_with_ties(monkeypatch, topk, min_chunk, dtype):
+@pytest.mark.parametrize("score", ["fma", "dot"])
+def test_select_pages_exact_with_ties(monkeypatch, topk, min_chunk, dtype, score):
     """Integer-valued q and keys make every sum exact and ties frequent: the selection must equal
     the reference's stable sort element for element (last page first, ties to the lower page)."""
     monkeypatch.setattr(PS, "_MIN_CHUNK", min_chunk)   # 16: several top-k chunks and a merge
+    monkeypatch.setitem(PS.SELECT_PLAN, "score", score)
     torch.manual_seed(30)
     B, Hkv, G, D, T, ps, lp = 2, 2, 2, 64, 768, 16, 4
     lengths = [757, 161]
@@ -319,10 +321,12 @@ def test_select_pages_fewer_pages_than_slots_and_empty_row():
     assert torch.equal(got[..., 4:], torch.arange(4, 7, device=DEV).expand(B, Hkv, G, 3))
 
 
-def test_select_pages_random_float(monkeypatch):
+@pytest.mark.parametrize("score", ["fma", "dot"])
+def test_select_pages_random_float(monkeypatch, score):
     """Random floats: the kernel's scores match the reference's to rounding, and its ranking is
     exactly the reference's stable sort of those scores (whatever the summation order)."""
     monkeypatch.setattr(PS, "_MIN_CHUNK", 32)
+    monkeypatch.setitem(PS.SELECT_PLAN, "score", score)
     torch.manual_seed(32)
     B, Hkv, G, D, T, ps, lp = 2, 2, 4, 128, 1024, 16, 4
     lengths = [1001, 333]
@@ -408,51 +412,85 @@ def _check_decode(B, Hs, Hr, G, D, sink, local, T, ps, K, lengths, dtype=torch.f
         assert rel_err(out_r, ref) < _tol(dtype)
 
 
+MMA = pytest.mark.parametrize("mma", [False, True], ids=["fma", "mma"])
+
+
+@MMA
 @pytest.mark.parametrize("G,D", [(1, 64), (4, 128), (8, 64)])
-def test_decode_mixed_heads(G, D):
+def test_decode_mixed_heads(G, D, mma):
     torch.manual_seed(40 + G)
     # lengths cross page boundaries (partial last pages), one short row, ring wrapped in row 0
-    _check_decode(2, 2, 2, G, D, sink=5, local=13, T=96, ps=16, K=4, lengths=[91, 9])
+    _check_decode(2, 2, 2, G, D, sink=5, local=13, T=96, ps=16, K=4, lengths=[91, 9], mma=mma)
 
 
+@MMA
 @pytest.mark.parametrize("n_split", [1, 3, None])
-def test_decode_splits(n_split):
+def test_decode_splits(n_split, mma):
     torch.manual_seed(50)
     _check_decode(3, 1, 2, 2, 64, sink=4, local=24, T=128, ps=16, K=6, lengths=[128, 45, 17],
-                  n_split=n_split)
+                  n_split=n_split, mma=mma)
 
 
+@MMA
 @pytest.mark.parametrize("n_split", [3, None])
-def test_decode_fused_combine(n_split):
+def test_decode_fused_combine(n_split, mma):
     """Splits merged inside the decode launch (per-head counters): right twice in a row, so the
     counters are back at zero after a call."""
     for seed in (51, 52):
         torch.manual_seed(seed)
         _check_decode(3, 1, 2, 2, 64, sink=4, local=24, T=128, ps=16, K=6, lengths=[128, 45, 17],
-                      n_split=n_split, fused_combine=True)
+                      n_split=n_split, fused_combine=True, mma=mma)
 
 
-def test_decode_only_retrieval_or_only_streaming():
+@MMA
+def test_decode_only_retrieval_or_only_streaming(mma):
     torch.manual_seed(51)
-    _check_decode(2, 0, 3, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 33], n_split=2)
-    _check_decode(2, 3, 0, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 3], n_split=2)
-    _check_decode(2, 2, 0, 2, 64, sink=0, local=8, T=80, ps=16, K=4, lengths=[70, 3])
+    _check_decode(2, 0, 3, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 33], n_split=2, mma=mma)
+    _check_decode(2, 3, 0, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 3], n_split=2, mma=mma)
+    _check_decode(2, 2, 0, 2, 64, sink=0, local=8, T=80, ps=16, K=4, lengths=[70, 3], mma=mma)
 
 
-def test_decode_bf16_odd_page():
+@MMA
+def test_decode_bf16_odd_page(mma):
     torch.manual_seed(52)
     # page of 24 tokens (not a power of two), bf16
     _check_decode(2, 2, 2, 2, 128, sink=6, local=10, T=96, ps=24, K=3, lengths=[95, 30],
-                  dtype=torch.bfloat16)
+                  dtype=torch.bfloat16, mma=mma)
+
+
+@pytest.mark.parametrize("n_split,fused", [(1, False), (3, False), (None, True)])
+def test_decode_tma_pages(n_split, fused):
+    """Retrieval pages through tensor descriptors (the copy engine on sm90+; the interpreter on
+    CPU): partial last pages, empty slots, poisoned tokens past the length and unselected pages."""
+    torch.manual_seed(54)
+    _check_decode(2, 2, 2, 4, 64, sink=5, local=21, T=160, ps=16, K=5, lengths=[157, 40],
+                  dtype=torch.bfloat16, mma=True, tma=True, n_split=n_split, fused_combine=fused)
+
+
+def test_decode_tma_refuses_odd_page():
+    L, qs, sk, sv, rk, rv, qr, pk, pv, pages = _decode_inputs(1, 1, 1, 2, 64, 4, 8, 96, 24, 2, [90],
+                                                              torch.bfloat16)
+    with pytest.raises(ValueError, match="power-of-two page"):
+        sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, 4, 8, 24, 0.125, mma=True, tma=True)
+
+
+def test_decode_mma_refuses_float64():
+    q = torch.randn(1, 1, 2, 64, dtype=torch.float64, device=DEV)
+    kv = torch.randn(1, 1, 64, 64, dtype=torch.float64, device=DEV)
+    pages = torch.zeros(1, 1, 2, 1, dtype=torch.long, device=DEV)
+    with pytest.raises(ValueError, match="mma=False"):
+        sparse_paged_decode(q, kv[:, :, :4], kv[:, :, :4], kv[:, :, :8], kv[:, :, :8], q, kv, kv, pages,
+                            torch.tensor([40], device=DEV), 4, 8, 64, 0.125, mma=True)
 
 
 @gpu
-def test_decode_gpu_budget_shape():
+@MMA
+def test_decode_gpu_budget_shape(mma):
     torch.manual_seed(53)
     _check_decode(2, 4, 4, 4, 128, sink=128, local=256, T=16384, ps=64, K=64,
-                  lengths=[16384 - 5, 9000], dtype=torch.bfloat16)
+                  lengths=[16384 - 5, 9000], dtype=torch.bfloat16, mma=mma)
     _check_decode(1, 4, 4, 8, 128, sink=128, local=256, T=16384, ps=64, K=64,
-                  lengths=[7777], dtype=torch.float32)
+                  lengths=[7777], dtype=torch.float32, mma=mma)
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.0, 1.0])
