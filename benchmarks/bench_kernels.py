@@ -289,6 +289,8 @@ def sweep(device, parts=("prefill", "decode", "select")):
     decode plan (128K, 50% streaming) and the selection plan (512K, 50%). Returns the timings and
     the fastest setting of each; ``--tune`` applies those before benchmarking."""
     bsp, sel_mod, dec_mod = _kernel_modules()  # noqa: F841
+    from lserve_hf.kernels import launch as launch_mod
+    default_pdl = dict(launch_mod.PDL)
 
     out = {"prefill": [], "decode": [], "select": []}
     best = {}
@@ -342,30 +344,29 @@ def sweep(device, parts=("prefill", "decode", "select")):
 
     default_plan = dict(dec_mod.DECODE_PLAN)
     fma = [{"mma": False, "target_programs": 1024, "min_split_tokens": 128, "num_stages": 1}]
-    # tensor-core decode: fewer, longer programs pay off only when the loads pipeline (stages);
-    # tma: retrieval pages through the copy engine
-    mma = [{"mma": True, "tma": False, "target_programs": 256, "min_split_tokens": 256, "num_stages": 2},
-           {"mma": True, "tma": False, "target_programs": 256, "min_split_tokens": 256, "num_stages": 2,
-            "block_t": 128, "num_warps": 8}]
-    mma += [{"mma": True, "tma": True, "target_programs": tp, "min_split_tokens": mt, "num_stages": st,
-             "num_warps": nw} for tp, mt in ((256, 256), (512, 128), (128, 512), (1024, 64))
-            for st in (2, 3, 4) for nw in (4,)]
+    # tensor-core decode, with and without programmatic dependent launch (kernels/launch.py)
+    mma = [{"mma": True, "tma": False, "target_programs": tp, "min_split_tokens": mt, "num_stages": st,
+            "pdl": pdl} for pdl in (True, False) for tp, mt, st in ((256, 256, 2), (512, 128, 2),
+                                                                 (256, 256, 3), (1024, 64, 2))]
     mma += [{"mma": True, "tma": True, "target_programs": 256, "min_split_tokens": 256, "num_stages": 3,
-             "num_warps": 8}, {"mma": True, "tma": True, "fused_combine": True, "target_programs": 256,
-                               "min_split_tokens": 256, "num_stages": 3}]
+             "pdl": True}, {"mma": True, "fused_combine": True, "target_programs": 256,
+                            "min_split_tokens": 256, "num_stages": 2, "pdl": True}]
     for var in fma + mma if "decode" in parts else []:
         dec_mod.DECODE_PLAN.update(default_plan)
-        dec_mod.DECODE_PLAN.update(var)
+        launch_mod.PDL["decode"] = var.get("pdl", default_pdl["decode"])
+        dec_mod.DECODE_PLAN.update({k: v for k, v in var.items() if k != "pdl"})
         try:
             t = _graph_time(dec_all, ROTATE) * 1e3
         except Exception as exc:  # noqa: BLE001
             print("  decode plan", var, "failed:", type(exc).__name__, str(exc)[:160], flush=True)
             continue
-        out["decode"].append({"plan": dict(dec_mod.DECODE_PLAN), "decode_us": t})
+        out["decode"].append({"plan": dict(dec_mod.DECODE_PLAN), "pdl": launch_mod.PDL["decode"],
+                              "decode_us": t})
         print(f"  decode 128K 50% plan {var}: {t:.1f} us", flush=True)
         if "decode" not in best or t < best["decode"][1]:
             best["decode"] = (dict(dec_mod.DECODE_PLAN), t)
     dec_mod.DECODE_PLAN.update(default_plan)
+    launch_mod.PDL.update(default_pdl)
     del sets
     torch.cuda.empty_cache()
 
@@ -374,12 +375,12 @@ def sweep(device, parts=("prefill", "decode", "select")):
     # sum of the two.
     sets = _decode_sets(SWEEP_DECODE, 0.5, device, n_select)
     sel128 = {}
-    sel_vars = [{"score": "fma", "chunk": 512}] + [
-        {"score": "dot", "score_dot_rows": r, "score_dot_warps": w, "topk": t, "chunk": 512}
-        for r, w in ((64, 8), (32, 4), (64, 4)) for t in ("sort", "auto")]
+    sel_vars = [{"score": "dot", "score_dot_rows": r, "score_dot_warps": w, "chunk": 512, "pdl": pdl}
+                for pdl in (True, False) for r, w in ((64, 8), (32, 4))]
     for var in sel_vars if "select" in parts else []:
         sel_mod.SELECT_PLAN.update(default_sel)
-        sel_mod.SELECT_PLAN.update(var)
+        launch_mod.PDL["select"] = var.get("pdl", default_pdl["select"])
+        sel_mod.SELECT_PLAN.update({k: v for k, v in var.items() if k != "pdl"})
         try:
             t = _graph_time(lambda: [select_pages(s["q_retr"], s["kmax"], s["kmin"], s["lengths"], PAGE,
                                                   LOGICAL, n_select) for s in sets], ROTATE) * 1e3
@@ -403,7 +404,8 @@ def sweep(device, parts=("prefill", "decode", "select")):
 
     for var in sel_vars if "select" in parts else []:
         sel_mod.SELECT_PLAN.update(default_sel)
-        sel_mod.SELECT_PLAN.update(var)
+        launch_mod.PDL["select"] = var.get("pdl", default_pdl["select"])
+        sel_mod.SELECT_PLAN.update({k: v for k, v in var.items() if k != "pdl"})
         try:
             t_score = _graph_time(score_all, ROTATE) * 1e3
             t = _graph_time(sel_all, ROTATE) * 1e3
@@ -411,12 +413,14 @@ def sweep(device, parts=("prefill", "decode", "select")):
             print("  select plan", var, "failed:", type(exc).__name__, str(exc)[:160], flush=True)
             continue
         t128 = sel128.get(json.dumps(var, sort_keys=True), float("inf"))
-        out["select"].append({"plan": dict(sel_mod.SELECT_PLAN), "select_us": t, "score_only_us": t_score,
+        out["select"].append({"plan": dict(sel_mod.SELECT_PLAN), "pdl": launch_mod.PDL["select"],
+                              "select_us": t, "score_only_us": t_score,
                               "select_128k_us": t128})
         print(f"  select 512K 50% plan {var}: {t:.1f} us (scores alone {t_score:.1f} us)", flush=True)
         if "select" not in best or t + t128 < best["select"][1]:
             best["select"] = (dict(sel_mod.SELECT_PLAN), t + t128)
     sel_mod.SELECT_PLAN.update(default_sel)
+    launch_mod.PDL.update(default_pdl)
     del sets
     torch.cuda.empty_cache()
     out["best"] = {k: v[0] for k, v in best.items()}

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import pdl_options
+
 _MIN_CHUNK = 0  # lower bound of SELECT_PLAN["chunk"] (tests set a small chunk through it)
 _MAX_THRESHOLD_ROW = 32768  # pages a threshold top-k program holds in registers
 # Launch knobs, the fastest of benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 4
@@ -110,10 +112,14 @@ def _score_dot_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
                       Hkv, G, P, NL, page_size, logical_page_size,
                       LPP: tl.constexpr, BLOCK_L: tl.constexpr, M: tl.constexpr,
                       HEAD_DIM: tl.constexpr, PACK: tl.constexpr, LAST_INF: tl.constexpr,
-                      IEEE: tl.constexpr):
+                      IEEE: tl.constexpr, GDC: tl.constexpr):
     """_score_kernel's scores for BLOCK_L logical pages (BLOCK_L // LPP physical ones) of one
     (row, KV head) and all its G query heads at once: two [M, D] x [D, BLOCK_L] tensor-core
-    products, the summaries read once per KV head instead of once per query head."""
+    products, the summaries read once per KV head instead of once per query head. GDC: launched
+    with PDL (kernels/launch.py)."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
@@ -154,9 +160,12 @@ def _score_dot_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
 
 @triton.jit
 def _topk_kernel(KEYS, OUT, n_keys, n_out, P, stride_row_in, stride_row_out,
-                 CHUNK: tl.constexpr, K_KEEP: tl.constexpr, FINAL: tl.constexpr):
+                 CHUNK: tl.constexpr, K_KEEP: tl.constexpr, FINAL: tl.constexpr, GDC: tl.constexpr):
     """Sort one chunk of CHUNK keys of one row, descending, and keep the first K_KEEP: as keys
     into the next round, or (FINAL) as page indices; ranks past the P pages get the rank itself."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(1)
     chunk = tl.program_id(0)
     offs = tl.arange(0, CHUNK)
@@ -272,6 +281,7 @@ def _scores(q, kmax, kmin, lengths, page_size, logical_page_size, pack, last_inf
     out = torch.empty(B, Hkv, G, P, device=q.device, dtype=torch.int64 if pack else acc)
     lpp_pad = triton.next_power_of_2(lpp)
     block_p = max(1, SELECT_PLAN["score_rows"] // lpp_pad)
+    pdl = pdl_options(q.device, "select")
     use_dot = (SELECT_PLAN["score"] == "dot" and acc == torch.float32 and lpp == lpp_pad
                and D >= 16 and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
     if out.numel() and use_dot:
@@ -282,7 +292,7 @@ def _scores(q, kmax, kmin, lengths, page_size, logical_page_size, pack, last_inf
             Hkv, G, P, NL, page_size, logical_page_size,
             LPP=lpp, BLOCK_L=block_l, M=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, PACK=pack,
             LAST_INF=last_inf, IEEE=q.dtype == torch.float32 or q.device.type == "cpu",
-            num_warps=SELECT_PLAN["score_dot_warps"])
+            GDC=bool(pdl), num_warps=SELECT_PLAN["score_dot_warps"], **pdl)
     elif out.numel():
         _score_kernel[(triton.cdiv(P, block_p), B * Hkv)](
             q, kmax, kmin, lengths.to(device=q.device), out,
@@ -343,17 +353,19 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select,
                                             IDX_BITS=max(1, p_pad.bit_length()), num_warps=warps)
         return out
     k_keep = triton.next_power_of_2(n_select)
+    pdl = pdl_options(q.device, "select")
     chunk = max(_MIN_CHUNK or SELECT_PLAN["chunk"], 2 * k_keep)
     n_chunks = triton.cdiv(P, chunk)
     if n_chunks <= 1:
         size = triton.next_power_of_2(max(P, n_select, 2))
         _topk_kernel[(1, rows)](keys, out, P, n_select, P, P, n_select,
-                                CHUNK=size, K_KEEP=k_keep, FINAL=True, num_warps=4)
+                                CHUNK=size, K_KEEP=k_keep, FINAL=True, GDC=bool(pdl), num_warps=4, **pdl)
         return out
     cand = torch.empty(rows, n_chunks * k_keep, dtype=torch.int64, device=q.device)
     _topk_kernel[(n_chunks, rows)](keys, cand, P, 0, P, P, n_chunks * k_keep,
-                                   CHUNK=chunk, K_KEEP=k_keep, FINAL=False, num_warps=4)
+                                   CHUNK=chunk, K_KEEP=k_keep, FINAL=False, GDC=bool(pdl), num_warps=4,
+                                   **pdl)
     size = triton.next_power_of_2(n_chunks * k_keep)
     _topk_kernel[(1, rows)](cand, out, n_chunks * k_keep, n_select, P, n_chunks * k_keep, n_select,
-                            CHUNK=size, K_KEEP=k_keep, FINAL=True, num_warps=4)
+                            CHUNK=size, K_KEEP=k_keep, FINAL=True, GDC=bool(pdl), num_warps=4, **pdl)
     return out

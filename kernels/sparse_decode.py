@@ -24,11 +24,13 @@ import triton
 import triton.language as tl
 
 from .block_sparse_prefill import _descriptor, _tma_ok
+from .launch import pdl_options
 
 # Launch plan, the fastest of benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 128K,
 # 50% streaming, graph replay): the per-thread FMA kernel 27.1 us at its best (1024 programs); the
 # tensor-core kernel ("mma") 19.2 us at 256 programs of 4 pages with 2 stages, 20.2 at 1024
-# programs of 1 page; its pages through the copy engine ("tma") 19.1, no faster, so off.
+# programs of 1 page. With programmatic dependent launch (kernels/launch.py): 18.1 us (2 stages),
+# 18.9 (3 stages); pages through the copy engine ("tma") 17.9 (3 stages), within noise, so off.
 DECODE_PLAN = {
     "target_programs": 256,    # programs to aim for (about 2 per multiprocessor of 132)
     "min_split_tokens": 256,   # a split reads at least this many keys
@@ -273,7 +275,7 @@ def _sparse_decode_dot_kernel(
         stream_per_split, slots_per_split, n_split_s, n_split_r,
         BLOCK_T: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, M: tl.constexpr,
         DIRECT: tl.constexpr, IEEE: tl.constexpr, FUSED: tl.constexpr, SPLIT_PAD: tl.constexpr,
-        TMA: tl.constexpr):
+        TMA: tl.constexpr, GDC: tl.constexpr):
     """The decode of _sparse_decode_kernel with q k^T and p v as tensor-core products.
 
     A streaming program owns one KV head's whole group (its G query heads share the sink and ring
@@ -282,7 +284,11 @@ def _sparse_decode_dot_kernel(
     Work items: retrieval (query head, split) pairs first, then streaming (KV head, split) pairs.
     TMA: a retrieval page (BLOCK_T == page size, a power of two) is one contiguous tile of the
     pool, so the copy engine fetches it through the descriptors PKD, PVD ([B, Hr, T, D], block
-    [1, 1, page, D]) asynchronously, without a register or an address per element."""
+    [1, 1, page, D]) asynchronously, without a register or an address per element.
+    GDC: launched with PDL (kernels/launch.py): wait for the previous grid, let the next start."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     n_rows = B * (Hs + Hr) * G
     n_retr = B * Hr * G * n_split_r
@@ -399,8 +405,11 @@ def _combine_kernel(OPART, MLPART, OS, OR,
                     sos_b, sos_h, sos_g, sos_d,
                     sor_b, sor_h, sor_g, sor_d,
                     Hs, Hr, G, n_split_s, n_split_r,
-                    SPLIT_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    SPLIT_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, GDC: tl.constexpr):
     """Merge the splits of one query head: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     n_rows = tl.num_programs(0)
     per_b = (Hs + Hr) * G
@@ -513,6 +522,7 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
         if DECODE_PLAN.get("fused_combine") if fused_combine is None else fused_combine:
             counters = _counters(any_q.device, rows)
     fused = counters is not None
+    pdl = pdl_options(any_q.device, "decode")
     if use_mma:
         tma = DECODE_PLAN.get("tma") if tma is None else tma
         tma_ok = bool(Hr) and _tma_pages_ok(pool_k, pool_v, page_size)
@@ -536,8 +546,8 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
             float(scale) * 1.4426950408889634, sps, slps, ns, nr,
             BLOCK_T=block_t, PAGE_PAD=page_pad, HEAD_DIM=D, M=max(16, triton.next_power_of_2(G)),
             DIRECT=direct, IEEE=any_q.dtype == torch.float32 or any_q.device.type == "cpu",
-            FUSED=fused, SPLIT_PAD=triton.next_power_of_2(n_split), TMA=bool(tma), num_warps=num_warps,
-            num_stages=num_stages)
+            FUSED=fused, SPLIT_PAD=triton.next_power_of_2(n_split), TMA=bool(tma), GDC=bool(pdl),
+            num_warps=num_warps, num_stages=num_stages, **pdl)
     else:
         _sparse_decode_kernel[(B * (Hs * G * ns + Hr * G * nr),)](
             qs, sk, sv, rk, rv, qr, pk, pv, pg, lengths, os_, or_, opart, mlpart,
@@ -549,7 +559,9 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
             BLOCK_T=block_t, PAGE_PAD=page_pad, HEAD_DIM=D, DIRECT=direct, FUSED=fused,
             SPLIT_PAD=triton.next_power_of_2(n_split), num_warps=num_warps, num_stages=num_stages)
     if not direct and not fused:
+        merge_pdl = pdl if use_mma else {}
         _combine_kernel[(rows,)](
             opart, mlpart, os_, or_, *os_.stride(), *or_.stride(), Hs, Hr, G, ns, nr,
-            SPLIT_PAD=triton.next_power_of_2(n_split), HEAD_DIM=D, num_warps=4 if n_split >= 16 else 1)
+            SPLIT_PAD=triton.next_power_of_2(n_split), HEAD_DIM=D, GDC=bool(merge_pdl),
+            num_warps=4 if n_split >= 16 else 1, **merge_pdl)
     return out_stream, out_retr

@@ -474,6 +474,21 @@ def test_decode_tma_refuses_odd_page():
         sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, 4, 8, 24, 0.125, mma=True, tma=True)
 
 
+def test_pdl_only_on_hopper_gpus(monkeypatch):
+    """Programmatic dependent launch is asked for only on an sm90+ GPU and only for the kernel
+    families switched on; the interpreter and older GPUs launch plainly."""
+    from lserve_hf.kernels import launch
+    assert launch.pdl_options(torch.device("cpu"), "decode") == {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert launch.pdl_options(torch.device("cuda", 0), "decode") == {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(launch, "_triton_has_pdl", lambda: True)
+    monkeypatch.setitem(launch.PDL, "decode", True)
+    monkeypatch.setitem(launch.PDL, "select", False)
+    assert launch.pdl_options(torch.device("cuda", 0), "decode") == {"launch_pdl": True}
+    assert launch.pdl_options(torch.device("cuda", 0), "select") == {}
+
+
 def test_decode_mma_refuses_float64():
     q = torch.randn(1, 1, 2, 64, dtype=torch.float64, device=DEV)
     kv = torch.randn(1, 1, 64, 64, dtype=torch.float64, device=DEV)
