@@ -23,9 +23,11 @@ def main(argv=None) -> int:
     demo.add_argument("--device", default=None, help="e.g. cuda; default CPU")
 
     cal = sub.add_parser("calibrate", help="compute a head pattern (full_attention_heads.tsv)")
-    cal.add_argument("--method", choices=["probe", "duo"], default="probe",
+    cal.add_argument("--method", choices=["probe", "duo", "refine"], default="probe",
                      help="probe: training-free, from attention weights on synthetic passkey prompts; "
-                     "duo: DuoAttention gate training on synthetic multi-passkey prompts")
+                     "duo: DuoAttention gate training on synthetic multi-passkey prompts; "
+                     "refine: re-rank an existing pattern's heads near the threshold by the answer "
+                     "log-prob the patched model loses as served (calibration/serving_refine.py)")
     cal.add_argument("--model", default=None,
                      help="a local Transformers model folder; default: the embedded SmolLM2-135M-Instruct")
     cal.add_argument("--output", required=True, help="folder (or .tsv path) to write the pattern to")
@@ -34,7 +36,8 @@ def main(argv=None) -> int:
                      "duo: MIN MAX range drawn from per step (default 1000 3000)")
     cal.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="probe only")
     cal.add_argument("--seeds", type=int, default=1, help="probe: prompts per length and depth")
-    cal.add_argument("--seed", type=int, default=0, help="seeds the synthetic prompts")
+    cal.add_argument("--seed", type=int, default=None,
+                     help="seeds the synthetic prompts (default 0; refine: 1, so seed-0 test prompts stay unseen)")
     cal.add_argument("--sink", type=int, default=128, help="the streaming window's sink tokens")
     cal.add_argument("--local", type=int, default=256, help="the streaming window's local tokens")
     duo = cal.add_argument_group("duo (gate training)")
@@ -46,6 +49,15 @@ def main(argv=None) -> int:
     duo.add_argument("--no-checkpointing", action="store_true", help="keep activations (faster, more memory)")
     duo.add_argument("--save-every", type=int, default=25,
                      help="write the gates reached so far every N steps (the final file replaces them)")
+    ref = cal.add_argument_group("refine (serving refine of --pattern under a serving config)")
+    ref.add_argument("--pattern", default=None,
+                     help="the pattern to refine (folder or .tsv); default: the model's shipped pattern")
+    ref.add_argument("--sparsity", type=float, default=0.5, help="streaming_sparsity served")
+    ref.add_argument("--budget", type=int, default=512, help="token_budget served")
+    ref.add_argument("--prefill-local", type=int, default=256, help="prefill_local served")
+    ref.add_argument("--decode-local", type=int, default=256, help="decode_local served")
+    ref.add_argument("--band", type=float, nargs=2, default=[0.25, 0.6], metavar=("LO", "HI"),
+                     help="quantiles of the ranking whose heads are re-ranked")
     cal.add_argument("--device", default=None)
 
     sub.add_parser("eval", help="offline long-context accuracy: dense vs LServe vs baselines "
@@ -88,7 +100,7 @@ def calibrate(args) -> int:
         lo, hi = lengths[0], lengths[-1]
         settings = dict(steps=args.steps, lengths=(lo, hi), sink=args.sink, local=args.local, reg=args.reg,
                         lr=args.lr, n_passkeys=args.passkeys, haystack_file=args.haystack_file,
-                        seed=args.seed, gradient_checkpointing=not args.no_checkpointing)
+                        seed=0 if args.seed is None else args.seed, gradient_checkpointing=not args.no_checkpointing)
         run = dict(settings, lengths=[lo, hi])
 
         def checkpoint(step, info):
@@ -99,15 +111,45 @@ def calibrate(args) -> int:
                              seconds=round(time.perf_counter() - t0, 1), **run)
 
         scores = train_gates(model, tok, callback=checkpoint, **settings)
+    elif args.method == "refine":
+        scores, run = _serving_refine(args, model, tok)
     else:
         lengths = args.lengths or [2000, 3000]
+        seed = 0 if args.seed is None else args.seed
         scores = probe_heads(model, tok, lengths=lengths, depths=args.depths, sink=args.sink,
-                             local=args.local, seed=args.seed, n_seeds=args.seeds)
-        run = dict(lengths=lengths, depths=args.depths, seeds=args.seeds, seed=args.seed)
+                             local=args.local, seed=seed, n_seeds=args.seeds)
+        run = dict(lengths=lengths, depths=args.depths, seeds=args.seeds, seed=seed)
     path = save_pattern(scores, args.output, method=args.method, model=name, sink_size=args.sink,
                         recent_size=args.local, seconds=round(time.perf_counter() - t0, 1), **run)
     print(f"wrote {path} ({scores.shape[0]} layers x {scores.shape[1]} KV heads)")
     return 0
+
+
+def _serving_refine(args, model, tok):
+    """``--method refine``: serving refine of ``--pattern`` (or the shipped one) under the config
+    the flags describe; returns the new scores and what to record in the pattern's config.json."""
+    from .calibration import load_pattern
+    from .calibration.probe import passkey_probe_prompts
+    from .calibration.serving_refine import serving_refine
+    from .calibration.shipped import find_shipped_pattern
+    from .config import LServeConfig
+
+    source = args.pattern or find_shipped_pattern(model.config)
+    if source is None:
+        raise SystemExit("--method refine needs --pattern: no shipped pattern for this model")
+    config = LServeConfig(streaming_sparsity=args.sparsity, token_budget=args.budget, prefill_sink=args.sink,
+                          prefill_local=args.prefill_local, decode_sink=args.sink, decode_local=args.decode_local)
+    lengths = args.lengths or [3000]
+    seed = 1 if args.seed is None else args.seed
+    prompts = passkey_probe_prompts(tok, lengths, args.depths, tuple(range(seed, seed + args.seeds)))
+    scores, details = serving_refine(model, scores=load_pattern(source), config=config, prompts=prompts,
+                                     band=tuple(args.band))
+    run = dict(lengths=lengths, depths=args.depths, seed=seed, seeds=args.seeds, base_pattern=str(source),
+               band=list(args.band), n_candidates=len(details["candidates"]),
+               serving_config={k: getattr(config, k) for k in ("streaming_sparsity", "token_budget",
+                                                                "prefill_sink", "prefill_local",
+                                                                "decode_sink", "decode_local")})
+    return scores, run
 
 
 if __name__ == "__main__":
