@@ -377,6 +377,8 @@ def sweep(device, parts=("prefill", "decode", "select")):
     sel128 = {}
     sel_vars = [{"score": "dot", "score_dot_rows": r, "score_dot_warps": w, "chunk": 512, "pdl": pdl}
                 for pdl in (True, False) for r, w in ((64, 8), (32, 4))]
+    # partial sorting (tl.topk): one round may beat two once a program stops merging past K
+    sel_vars += [{"partial_sort": True, "chunk": c, "pdl": False} for c in (512, 1024, 2048, 8192)]
     for var in sel_vars if "select" in parts else []:
         sel_mod.SELECT_PLAN.update(default_sel)
         launch_mod.PDL["select"] = var.get("pdl", default_pdl["select"])

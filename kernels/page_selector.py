@@ -42,6 +42,8 @@ SELECT_PLAN = {
     "score_warps": 4,
     "topk": "sort",     # "auto": threshold search when fewer slots than pages; "sort": sorting
     "chunk": 512,       # keys sorted per program in the first top-k round ("sort")
+    # "sort" rounds through tl.topk (Triton >= 3.5) instead of full sorts; not yet measured on a GPU
+    "partial_sort": False,
     # "dot": all G queries of a KV head at once on tensor cores, sum_c max(q_c Kmax_c, q_c Kmin_c)
     # = q+ . Kmax + q- . Kmin (q+ = max(q, 0), q- = min(q, 0)); "fma": elementwise, query by query.
     "score": "dot",
@@ -160,9 +162,12 @@ def _score_dot_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
 
 @triton.jit
 def _topk_kernel(KEYS, OUT, n_keys, n_out, P, stride_row_in, stride_row_out,
-                 CHUNK: tl.constexpr, K_KEEP: tl.constexpr, FINAL: tl.constexpr, GDC: tl.constexpr):
+                 CHUNK: tl.constexpr, K_KEEP: tl.constexpr, FINAL: tl.constexpr, GDC: tl.constexpr,
+                 PARTIAL: tl.constexpr):
     """Sort one chunk of CHUNK keys of one row, descending, and keep the first K_KEEP: as keys
-    into the next round, or (FINAL) as page indices; ranks past the P pages get the rank itself."""
+    into the next round, or (FINAL) as page indices; ranks past the P pages get the rank itself.
+    PARTIAL: ``tl.topk`` (a bitonic sort that stops merging past K_KEEP) instead of a full sort;
+    the keys are distinct, so both keep the same keys in the same order."""
     if GDC:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -172,7 +177,11 @@ def _topk_kernel(KEYS, OUT, n_keys, n_out, P, stride_row_in, stride_row_out,
     idx = chunk * CHUNK + offs
     keys = tl.load(KEYS + row.to(tl.int64) * stride_row_in + idx, mask=idx < n_keys,
                    other=-9223372036854775807)
-    keys = tl.sort(keys, 0, descending=True)
+    if PARTIAL:
+        keys = tl.topk(keys, K_KEEP)
+        offs = tl.arange(0, K_KEEP)
+    else:
+        keys = tl.sort(keys, 0, descending=True)
     if FINAL:
         page = 2147483647 - (keys & 4294967295)
         page = tl.where(offs < P, page, offs)
@@ -354,18 +363,19 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select,
         return out
     k_keep = triton.next_power_of_2(n_select)
     pdl = pdl_options(q.device, "select")
+    partial = bool(SELECT_PLAN.get("partial_sort")) and hasattr(tl, "topk")
     chunk = max(_MIN_CHUNK or SELECT_PLAN["chunk"], 2 * k_keep)
     n_chunks = triton.cdiv(P, chunk)
     if n_chunks <= 1:
         size = triton.next_power_of_2(max(P, n_select, 2))
         _topk_kernel[(1, rows)](keys, out, P, n_select, P, P, n_select,
-                                CHUNK=size, K_KEEP=k_keep, FINAL=True, GDC=bool(pdl), num_warps=4, **pdl)
+                                CHUNK=size, K_KEEP=k_keep, FINAL=True, GDC=bool(pdl), PARTIAL=partial, num_warps=4, **pdl)
         return out
     cand = torch.empty(rows, n_chunks * k_keep, dtype=torch.int64, device=q.device)
     _topk_kernel[(n_chunks, rows)](keys, cand, P, 0, P, P, n_chunks * k_keep,
-                                   CHUNK=chunk, K_KEEP=k_keep, FINAL=False, GDC=bool(pdl), num_warps=4,
+                                   CHUNK=chunk, K_KEEP=k_keep, FINAL=False, GDC=bool(pdl), PARTIAL=partial, num_warps=4,
                                    **pdl)
     size = triton.next_power_of_2(n_chunks * k_keep)
     _topk_kernel[(1, rows)](cand, out, n_chunks * k_keep, n_select, P, n_chunks * k_keep, n_select,
-                            CHUNK=size, K_KEEP=k_keep, FINAL=True, GDC=bool(pdl), num_warps=4, **pdl)
+                            CHUNK=size, K_KEEP=k_keep, FINAL=True, GDC=bool(pdl), PARTIAL=partial, num_warps=4, **pdl)
     return out

@@ -513,6 +513,8 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
     if use_mma and not mma_ok:
         raise ValueError(f"the tensor-core decode takes fp16/bf16/fp32 queries and head dim >= 16, "
                          f"got {any_q.dtype} and {D}; pass mma=False")
+    if tma and not use_mma:
+        raise ValueError("tma=True loads pages for the tensor-core decode; pass mma=True as well")
     counters = None
     if direct:
         opart = mlpart = os_  # unused

@@ -288,12 +288,15 @@ def _summaries(B, Hkv, T, D, lengths, lp, dtype, integer, repeat_pages=0, page_s
                                                   ("auto", 1024, torch.bfloat16),
                                                   ("radix", 1024, torch.float32),
                                                   ("radix", 1024, torch.bfloat16)])
-@pytest.mark.parametrize("score", ["fma", "dot"])
-def test_select_pages_exact_with_ties(monkeypatch, topk, min_chunk, dtype, score):
+@pytest.mark.parametrize("score,partial", [("fma", False), ("dot", False), ("dot", True)])
+def test_select_pages_exact_with_ties(monkeypatch, topk, min_chunk, dtype, score, partial):
     """Integer-valued q and keys make every sum exact and ties frequent: the selection must equal
     the reference's stable sort element for element (last page first, ties to the lower page)."""
+    if partial and (topk != "sort" or not hasattr(PS.tl, "topk")):
+        pytest.skip("partial sorting is an option of the sorting top-k, with Triton's tl.topk")
     monkeypatch.setattr(PS, "_MIN_CHUNK", min_chunk)   # 16: several top-k chunks and a merge
     monkeypatch.setitem(PS.SELECT_PLAN, "score", score)
+    monkeypatch.setitem(PS.SELECT_PLAN, "partial_sort", partial)
     torch.manual_seed(30)
     B, Hkv, G, D, T, ps, lp = 2, 2, 2, 64, 768, 16, 4
     lengths = [757, 161]
@@ -472,6 +475,8 @@ def test_decode_tma_refuses_odd_page():
                                                               torch.bfloat16)
     with pytest.raises(ValueError, match="power-of-two page"):
         sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, 4, 8, 24, 0.125, mma=True, tma=True)
+    with pytest.raises(ValueError, match="mma=True"):
+        sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, 4, 8, 24, 0.125, mma=False, tma=True)
 
 
 def test_pdl_only_on_hopper_gpus(monkeypatch):
