@@ -10,6 +10,8 @@ kernel, PDL-aware or not.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Per kernel family, measured by benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 128K,
@@ -27,6 +29,7 @@ def pdl_options(device, family: str) -> dict:
     return {"launch_pdl": True} if _triton_has_pdl() else {}
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_has_pdl() -> bool:
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
