@@ -62,6 +62,14 @@ def _sort_key(score, page):
 
 
 @triton.jit
+def _page_counts(LENGTHS, b, page_size, logical_page_size):
+    """(logical pages, physical pages) that hold a token of row b."""
+    length = tl.load(LENGTHS + b).to(tl.int32)
+    return ((length + logical_page_size - 1) // logical_page_size,
+            (length + page_size - 1) // page_size)
+
+
+@triton.jit
 def _score_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
                   stride_qb, stride_qh, stride_qg, stride_qd,
                   stride_sb, stride_sh, stride_sl, stride_sd,
@@ -74,9 +82,7 @@ def _score_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
-    length = tl.load(LENGTHS + b).to(tl.int32)
-    n_logical = (length + logical_page_size - 1) // logical_page_size
-    n_pages = (length + page_size - 1) // page_size
+    n_logical, n_pages = _page_counts(LENGTHS, b, page_size, logical_page_size)
 
     offs_r = tl.arange(0, BLOCK_P * LPP_PAD)                 # one row per logical page
     sub = offs_r % LPP_PAD
@@ -125,9 +131,7 @@ def _score_dot_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
-    length = tl.load(LENGTHS + b).to(tl.int32)
-    n_logical = (length + logical_page_size - 1) // logical_page_size
-    n_pages = (length + page_size - 1) // page_size
+    n_logical, n_pages = _page_counts(LENGTHS, b, page_size, logical_page_size)
     BLOCK_P: tl.constexpr = BLOCK_L // LPP
     lpage = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     has_tok = (lpage < NL) & (lpage < n_logical)              # empty pages are not read

@@ -78,6 +78,38 @@ def _ring_slots(idx, hi, sink, local, last):
 
 
 @triton.jit
+def _sink_tile(sk, sv, slot, end, length, ssk_n, ssk_d, ssv_n, ssv_d, offs_d):
+    """K and V rows of sink slots ``slot`` (live below ``end`` and the row's length), zero else."""
+    valid = (slot < end) & (slot < length)
+    k = tl.load(sk + slot[:, None] * ssk_n + offs_d[None, :] * ssk_d, mask=valid[:, None], other=0.0)
+    v = tl.load(sv + slot[:, None] * ssv_n + offs_d[None, :] * ssv_d, mask=valid[:, None], other=0.0)
+    return k, v, valid
+
+
+@triton.jit
+def _ring_tile(rk, rv, idx, hi, sink, local, last, srk_n, srk_d, srv_n, srv_d, offs_d):
+    """K and V rows of streaming slot numbers ``idx`` (>= sink) from the ring buffer."""
+    slot, valid = _ring_slots(idx, hi, sink, local, last)
+    k = tl.load(rk + slot[:, None] * srk_n + offs_d[None, :] * srk_d, mask=valid[:, None], other=0.0)
+    v = tl.load(rv + slot[:, None] * srv_n + offs_d[None, :] * srv_d, mask=valid[:, None], other=0.0)
+    return k, v, valid
+
+
+@triton.jit
+def _page_tile(pg, pk, pv, slot, hi, within, page_size, n_pool_pages, length,
+               spg_k, spk_t, spk_d, spv_t, spv_d, offs_d):
+    """K and V rows of the selected pages in page slots ``slot`` (a page per PAGE_PAD rows,
+    ``within`` the row's token in its page); empty slots and tokens past the length are zero."""
+    page = tl.load(pg + slot * spg_k, mask=slot < hi, other=-1)
+    tok = page * page_size + within
+    valid = (page >= 0) & (page < n_pool_pages) & (within < page_size) & (tok < length)
+    tok = tok.to(tl.int64)
+    k = tl.load(pk + tok[:, None] * spk_t + offs_d[None, :] * spk_d, mask=valid[:, None], other=0.0)
+    v = tl.load(pv + tok[:, None] * spv_t + offs_d[None, :] * spv_d, mask=valid[:, None], other=0.0)
+    return k, v, valid
+
+
+@triton.jit
 def _online_update(acc, l_i, m_i, q, k, v, valid, qk_scale):
     """Fold one block of keys (rows of k, v; invalid rows already zeroed) into the running state."""
     s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale
@@ -181,18 +213,15 @@ def _sparse_decode_kernel(
         sk = SK + b64 * ssk_b + h * ssk_h
         sv = SV + b64 * ssv_b + h * ssv_h
         for t0 in range(lo, tl.minimum(hi, sink), BLOCK_T):
-            slot = t0 + offs_t
-            valid = (slot < tl.minimum(hi, sink)) & (slot < length)
-            k = tl.load(sk + slot[:, None] * ssk_n + offs_d[None, :] * ssk_d, mask=valid[:, None], other=0.0)
-            v = tl.load(sv + slot[:, None] * ssv_n + offs_d[None, :] * ssv_d, mask=valid[:, None], other=0.0)
+            k, v, valid = _sink_tile(sk, sv, t0 + offs_t, tl.minimum(hi, sink), length,
+                                     ssk_n, ssk_d, ssv_n, ssv_d, offs_d)
             acc, l_i, m_i = _online_update(acc, l_i, m_i, q, k, v, valid, qk_scale)
         rk = RK + b64 * srk_b + h * srk_h
         rv = RV + b64 * srv_b + h * srv_h
         last = length - 1
         for t0 in range(tl.maximum(lo, sink), hi, BLOCK_T):
-            slot, valid = _ring_slots(t0 + offs_t, hi, sink, local, last)
-            k = tl.load(rk + slot[:, None] * srk_n + offs_d[None, :] * srk_d, mask=valid[:, None], other=0.0)
-            v = tl.load(rv + slot[:, None] * srv_n + offs_d[None, :] * srv_d, mask=valid[:, None], other=0.0)
+            k, v, valid = _ring_tile(rk, rv, t0 + offs_t, hi, sink, local, last,
+                                     srk_n, srk_d, srv_n, srv_d, offs_d)
             acc, l_i, m_i = _online_update(acc, l_i, m_i, q, k, v, valid, qk_scale)
     else:
         # Retrieval head: selected page slots [lo, hi) of this query head; BLOCK_T // PAGE_PAD
@@ -206,13 +235,8 @@ def _sparse_decode_kernel(
         pv = PV + b64 * spv_b + h * spv_h
         within = offs_t % PAGE_PAD
         for s0 in range(lo, hi, BLOCK_T // PAGE_PAD):
-            slot = s0 + offs_t // PAGE_PAD
-            page = tl.load(pg + slot * spg_k, mask=slot < hi, other=-1)
-            tok = page * page_size + within
-            valid = (page >= 0) & (page < n_pool_pages) & (within < page_size) & (tok < length)
-            tok = tok.to(tl.int64)
-            k = tl.load(pk + tok[:, None] * spk_t + offs_d[None, :] * spk_d, mask=valid[:, None], other=0.0)
-            v = tl.load(pv + tok[:, None] * spv_t + offs_d[None, :] * spv_d, mask=valid[:, None], other=0.0)
+            k, v, valid = _page_tile(pg, pk, pv, s0 + offs_t // PAGE_PAD, hi, within, page_size,
+                                     n_pool_pages, length, spg_k, spk_t, spk_d, spv_t, spv_d, offs_d)
             acc, l_i, m_i = _online_update(acc, l_i, m_i, q, k, v, valid, qk_scale)
 
     if DIRECT:
@@ -330,18 +354,15 @@ def _sparse_decode_dot_kernel(
         sk = SK + b64 * ssk_b + h * ssk_h
         sv = SV + b64 * ssv_b + h * ssv_h
         for t0 in range(lo, tl.minimum(hi, sink), BLOCK_T):
-            slot = t0 + offs_t
-            valid = (slot < tl.minimum(hi, sink)) & (slot < length)
-            k = tl.load(sk + slot[:, None] * ssk_n + offs_d[None, :] * ssk_d, mask=valid[:, None], other=0.0)
-            v = tl.load(sv + slot[:, None] * ssv_n + offs_d[None, :] * ssv_d, mask=valid[:, None], other=0.0)
+            k, v, valid = _sink_tile(sk, sv, t0 + offs_t, tl.minimum(hi, sink), length,
+                                     ssk_n, ssk_d, ssv_n, ssv_d, offs_d)
             acc, l_i, m_i = _dot_update(acc, l_i, m_i, q, k, v, valid, qk_scale, IEEE)
         rk = RK + b64 * srk_b + h * srk_h
         rv = RV + b64 * srv_b + h * srv_h
         last = length - 1
         for t0 in range(tl.maximum(lo, sink), hi, BLOCK_T):
-            slot, valid = _ring_slots(t0 + offs_t, hi, sink, local, last)
-            k = tl.load(rk + slot[:, None] * srk_n + offs_d[None, :] * srk_d, mask=valid[:, None], other=0.0)
-            v = tl.load(rv + slot[:, None] * srv_n + offs_d[None, :] * srv_d, mask=valid[:, None], other=0.0)
+            k, v, valid = _ring_tile(rk, rv, t0 + offs_t, hi, sink, local, last,
+                                     srk_n, srk_d, srv_n, srv_d, offs_d)
             acc, l_i, m_i = _dot_update(acc, l_i, m_i, q, k, v, valid, qk_scale, IEEE)
     else:
         q = tl.load(QR + b64 * sqr_b + h * sqr_h + g0 * sqr_g + offs_m[:, None] * 0 + offs_d[None, :] * sqr_d,
@@ -351,7 +372,6 @@ def _sparse_decode_dot_kernel(
         pg = PAGES + b64 * spg_b + h * spg_h + g0 * spg_g
         pk = PK + b64 * spk_b + h * spk_h
         pv = PV + b64 * spv_b + h * spv_h
-        within = offs_t % PAGE_PAD
         if TMA:
             for s0 in range(lo, hi):
                 page = tl.load(pg + s0 * spg_k)
@@ -363,14 +383,10 @@ def _sparse_decode_dot_kernel(
                 v = tl.where(valid[:, None], v, 0.0)   # tokens past the length may hold NaN
                 acc, l_i, m_i = _dot_update(acc, l_i, m_i, q, k, v, valid, qk_scale, IEEE)
         else:
+            within = offs_t % PAGE_PAD
             for s0 in range(lo, hi, BLOCK_T // PAGE_PAD):
-                slot = s0 + offs_t // PAGE_PAD
-                page = tl.load(pg + slot * spg_k, mask=slot < hi, other=-1)
-                tok = page * page_size + within
-                valid = (page >= 0) & (page < n_pool_pages) & (within < page_size) & (tok < length)
-                tok = tok.to(tl.int64)
-                k = tl.load(pk + tok[:, None] * spk_t + offs_d[None, :] * spk_d, mask=valid[:, None], other=0.0)
-                v = tl.load(pv + tok[:, None] * spv_t + offs_d[None, :] * spv_d, mask=valid[:, None], other=0.0)
+                k, v, valid = _page_tile(pg, pk, pv, s0 + offs_t // PAGE_PAD, hi, within, page_size,
+                                         n_pool_pages, length, spg_k, spk_t, spk_d, spv_t, spv_d, offs_d)
                 acc, l_i, m_i = _dot_update(acc, l_i, m_i, q, k, v, valid, qk_scale, IEEE)
 
     rows = row0 + offs_m
