@@ -204,11 +204,24 @@ def bench_decode(lengths, fracs, rows, checks, device, decode_kw=None):
                 return select_pages(s["q_retr"], s["kmax"], s["kmin"], s["lengths"], PAGE, LOGICAL,
                                     n_select)
 
-            def dec(s=None):
+            def dec(s=None, pages=None):
                 s = s or nxt()
                 decode(s["q_stream"], s["sink_k"], s["sink_v"], s["ring_k"], s["ring_v"], s["q_retr"],
-                       s["pool_k"], s["pool_v"], s["pages"], s["lengths"], DECODE_SINK, DECODE_LOCAL,
-                       PAGE, scale, out_stream=s["out_s"], out_retr=s["out_r"], **decode_kw)
+                       s["pool_k"], s["pool_v"], s["pages"] if pages is None else pages, s["lengths"],
+                       DECODE_SINK, DECODE_LOCAL, PAGE, scale, out_stream=s["out_s"],
+                       out_retr=s["out_r"], **decode_kw)
+
+            def interval():
+                # One selector interval of every layer, as a model runs it: each layer selects and
+                # decodes, then decodes INTERVAL - 1 more times with that selection; the other
+                # ROTATE - 1 layers run in between, so a layer's pages are not still in L2.
+                chosen = []
+                for s in sets:
+                    chosen.append(sel(s))
+                    dec(s, chosen[-1])
+                for _ in range(INTERVAL - 1):
+                    for s, pages in zip(sets, chosen):
+                        dec(s, pages)
 
             def upd(s=None):
                 s = s or nxt()
@@ -223,13 +236,22 @@ def bench_decode(lengths, fracs, rows, checks, device, decode_kw=None):
             torch.cuda.synchronize()
             t = {name: _bench(fn) for name, fn in (("select", sel), ("decode", dec), ("update", upd),
                                                    ("sdpa", sdpa))}
-            g = {}
+            # A replay's own launch costs a few microseconds; a model step replays one graph for
+            # all its layers, so each graph here makes INTERVAL passes over the ROTATE layers (16
+            # calls). "graph_4" keeps the earlier tables' method: one pass, 4 calls per replay.
+            g, g4 = {}, {}
             for name, fn in (("select", sel), ("decode", dec), ("update", upd), ("sdpa", sdpa)):
-                g[name] = _graph_time(lambda fn=fn: [fn(s) for s in sets], ROTATE)
+                g[name] = _graph_time(lambda fn=fn: [fn(s) for _ in range(INTERVAL) for s in sets],
+                                      ROTATE * INTERVAL)
+                g4[name] = _graph_time(lambda fn=fn: [fn(s) for s in sets], ROTATE)
             row = {"kind": "decode", "tokens": n, "streaming": frac, "budget": BUDGET,
                    "eager": {k_: v_ * 1e3 for k_, v_ in t.items()},
-                   "graph": {k_: v_ * 1e3 for k_, v_ in g.items()}}
-            for mode in ("eager", "graph"):
+                   "graph": {k_: v_ * 1e3 for k_, v_ in g.items()},
+                   "graph_4": {k_: v_ * 1e3 for k_, v_ in g4.items()}}
+            # per layer and step, measured over whole intervals in one graph (the select-to-decode
+            # launch overlap included), next to the sum of the parts timed apart
+            row["graph"]["interval_layer"] = _graph_time(interval, ROTATE * INTERVAL) * 1e3
+            for mode in ("eager", "graph", "graph_4"):
                 x = row[mode]
                 x["layer"] = x["select"] / INTERVAL + x["decode"]
                 x["layer_with_update"] = x["layer"] + x["update"]
@@ -280,8 +302,10 @@ def _fmt_row(r):
                 f"vs sdpa {r['speedup_vs_sdpa']:5.2f}x  vs flex {sx}")
     e, g = r["eager"], r["graph"]
     return (f"decode  {r['tokens']:>7} stream {r['streaming']:>4.0%} | graph: select {g['select']:6.1f} us "
-            f"decode {g['decode']:6.1f} update {g['update']:5.1f} layer {g['layer']:6.1f} sdpa {g['sdpa']:7.1f} "
-            f"({g['speedup_vs_sdpa']:5.1f}x) | eager: layer {e['layer']:6.1f} sdpa {e['sdpa']:7.1f}")
+            f"decode {g['decode']:6.1f} update {g['update']:5.1f} layer {g['layer']:6.1f} "
+            f"(interval {g.get('interval_layer', float('nan')):5.1f}) sdpa {g['sdpa']:7.1f} "
+            f"({g['speedup_vs_sdpa']:5.1f}x) | 4 calls a replay: layer {r.get('graph_4', g)['layer']:6.1f} | "
+            f"eager: layer {e['layer']:6.1f} sdpa {e['sdpa']:7.1f}")
 
 
 def sweep(device, parts=("prefill", "decode", "select")):
@@ -345,12 +369,18 @@ def sweep(device, parts=("prefill", "decode", "select")):
     default_plan = dict(dec_mod.DECODE_PLAN)
     fma = [{"mma": False, "target_programs": 1024, "min_split_tokens": 128, "num_stages": 1}]
     # tensor-core decode, with and without programmatic dependent launch (kernels/launch.py)
-    mma = [{"mma": True, "tma": False, "target_programs": tp, "min_split_tokens": mt, "num_stages": st,
-            "pdl": pdl} for pdl in (True, False) for tp, mt, st in ((256, 256, 2), (512, 128, 2),
-                                                                 (256, 256, 3), (1024, 64, 2))]
-    mma += [{"mma": True, "tma": True, "target_programs": 256, "min_split_tokens": 256, "num_stages": 3,
-             "pdl": True}, {"mma": True, "fused_combine": True, "target_programs": 256,
-                            "min_split_tokens": 256, "num_stages": 2, "pdl": True}]
+    # PDL: False, True (the next grid scheduled at each program's start) or "late" (at its end)
+    base = {"mma": True, "tma": False, "prefetch_pages": True, "target_programs": 128,
+            "min_split_tokens": 512, "num_stages": 3}
+    mma = [dict(base, prefetch_pages=False, target_programs=256, min_split_tokens=256, num_stages=2,
+                pdl=True)]                                            # the plan before prefetching
+    mma += [dict(base, pdl=pdl) for pdl in (True, False, "late")]
+    mma += [dict(base, tma=True, pdl=True), dict(base, fused_combine=True, pdl=True)]
+    # page numbers loaded before the loop: over split sizes, pipeline depths and steps of two pages
+    # (128 programs of 8 pages plus the streaming ones fill the 132 multiprocessors once)
+    mma += [dict(base, target_programs=tp, min_split_tokens=mt, num_stages=st, pdl=True)
+            for tp, mt, st in ((96, 512, 3), (128, 512, 4), (256, 256, 3))]
+    mma += [dict(base, block_t=128, num_warps=w, num_stages=2, pdl=True) for w in (4, 8)]
     for var in fma + mma if "decode" in parts else []:
         dec_mod.DECODE_PLAN.update(default_plan)
         launch_mod.PDL["decode"] = var.get("pdl", default_pdl["decode"])
@@ -365,6 +395,7 @@ def sweep(device, parts=("prefill", "decode", "select")):
         print(f"  decode 128K 50% plan {var}: {t:.1f} us", flush=True)
         if "decode" not in best or t < best["decode"][1]:
             best["decode"] = (dict(dec_mod.DECODE_PLAN), t)
+            best["pdl_decode"] = (launch_mod.PDL["decode"], t)
     dec_mod.DECODE_PLAN.update(default_plan)
     launch_mod.PDL.update(default_pdl)
     del sets
@@ -375,10 +406,12 @@ def sweep(device, parts=("prefill", "decode", "select")):
     # sum of the two.
     sets = _decode_sets(SWEEP_DECODE, 0.5, device, n_select)
     sel128 = {}
-    sel_vars = [{"score": "dot", "score_dot_rows": r, "score_dot_warps": w, "chunk": 512, "pdl": pdl}
-                for pdl in (True, False) for r, w in ((64, 8), (32, 4))]
-    # partial sorting (tl.topk): one round may beat two once a program stops merging past K
-    sel_vars += [{"partial_sort": True, "chunk": c, "pdl": False} for c in (512, 1024, 2048, 8192)]
+    sel_vars = [{"partial_sort": False, "sort_warps": 4, "pdl": False}]  # the plan before partial sorting
+    sel_vars += [{"partial_sort": True, "chunk": c, "sort_warps": w, "pdl": "late"}
+                 for c in (512, 1024) for w in (4, 8)]
+    sel_vars += [{"partial_sort": True, "pdl": pdl} for pdl in (False, True)]
+    sel_vars += [{"partial_sort": True, "score_dot_rows": r, "score_dot_warps": w, "pdl": "late"}
+                 for r, w in ((64, 4), (32, 4))]
     for var in sel_vars if "select" in parts else []:
         sel_mod.SELECT_PLAN.update(default_sel)
         launch_mod.PDL["select"] = var.get("pdl", default_pdl["select"])
@@ -421,6 +454,7 @@ def sweep(device, parts=("prefill", "decode", "select")):
         print(f"  select 512K 50% plan {var}: {t:.1f} us (scores alone {t_score:.1f} us)", flush=True)
         if "select" not in best or t + t128 < best["select"][1]:
             best["select"] = (dict(sel_mod.SELECT_PLAN), t + t128)
+            best["pdl_select"] = (launch_mod.PDL["select"], t + t128)
     sel_mod.SELECT_PLAN.update(default_sel)
     launch_mod.PDL.update(default_pdl)
     del sets
@@ -503,6 +537,10 @@ def apply_tuning(best):
         dec_mod.DECODE_PLAN.update(best["decode"])
     if "select" in best:
         sel_mod.SELECT_PLAN.update(best["select"])
+    from lserve_hf.kernels import launch as launch_mod
+    for family in ("decode", "select"):
+        if f"pdl_{family}" in best:
+            launch_mod.PDL[family] = best[f"pdl_{family}"]
 
 
 def main(argv=None) -> int:
@@ -541,8 +579,9 @@ def main(argv=None) -> int:
             return 0
         apply_tuning(tuning["best"])
     bsp, sel_mod, dec_mod = _kernel_modules()
+    from lserve_hf.kernels import launch as launch_mod
     used = {"prefill_config": bsp.PREFILL_CONFIG[D], "prefill_config_tma": bsp.PREFILL_CONFIG_TMA[D],
-            "decode_plan": dict(dec_mod.DECODE_PLAN),
+            "decode_plan": dict(dec_mod.DECODE_PLAN), "pdl": dict(launch_mod.PDL),
             "select_plan": dict(sel_mod.SELECT_PLAN)}
     print("launch parameters:", used, flush=True)
     rows, checks = [], []

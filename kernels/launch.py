@@ -13,12 +13,17 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
+import triton.language as tl
 
-# Per kernel family, measured by benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 128K,
-# 50% streaming, graph replay): decode + merge 19.2 -> 18.9 us (17.9 with TMA pages); the page
-# selection 16.8 -> 30.7 us (its hundreds of score programs and the waiting top-k programs
-# compete for the multiprocessors), so off there.
-PDL = {"decode": True, "select": False}
+# Per kernel family: True lets the next grid be scheduled as soon as each program starts (its
+# programs then wait on multiprocessors), "late" once each program has written its output (the
+# next grid's launch still overlaps this one's drain), False no PDL. Measured by
+# benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 128K, 50% streaming, graph replay):
+# decode + merge 19.1 us without PDL, 18.0 with True, 18.7 with "late"; the page selection 16.8
+# without, 30.7 with True (the waiting top-k programs hold multiprocessors the score programs
+# need), 16.0 with "late".
+PDL = {"decode": True, "select": "late"}
 
 
 def pdl_options(device, family: str) -> dict:
@@ -29,6 +34,15 @@ def pdl_options(device, family: str) -> dict:
     return {"launch_pdl": True} if _triton_has_pdl() else {}
 
 
+def gdc_mode(options: dict, family: str) -> int:
+    """The ``GDC`` constexpr of a kernel launched with ``options`` (from :func:`pdl_options`): 0
+    no PDL, 1 trigger the next grid at the program's start, 2 at its end (``PDL[family] ==
+    "late"``)."""
+    if not options:
+        return 0
+    return 2 if PDL[family] == "late" else 1
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_has_pdl() -> bool:
     try:
@@ -36,3 +50,20 @@ def _triton_has_pdl() -> bool:
     except ImportError:
         return False
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+@triton.jit
+def gdc_start(GDC: tl.constexpr):
+    """A PDL kernel's first step: wait until the previous grid's writes are visible (and, in mode
+    1, let the next grid be scheduled now)."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+    if GDC == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def gdc_end(GDC: tl.constexpr):
+    """A PDL kernel's last step in mode 2: this program is done, the next grid may be scheduled."""
+    if GDC == 2:
+        tl.extra.cuda.gdc_launch_dependents()

@@ -12,7 +12,8 @@ Two or three small launches, none of which waits on the host:
    query heads of a KV head at once as ``q+ . Kmax + q- . Kmin`` (two tensor-core products).
 2. top-k, by default (``SELECT_PLAN["topk"] == "sort"``) ``_topk_kernel``: each chunk of
    keys is sorted and keeps its best ``n_select``, then one more launch sorts the survivors
-   (skipped when there is a single chunk). The alternative (``"auto"``) is
+   (skipped when there is a single chunk); with ``SELECT_PLAN["partial_sort"]`` (default) both
+   rounds sort through ``tl.topk``, which stops merging past the kept keys. The alternative (``"auto"``) is
    ``_threshold_topk_kernel``, one program per query head: binary search for the
    ``n_select``-th largest key (a few dozen reductions over the row held in registers), then
    only the chosen keys are sorted; used when there are more pages than slots and at most
@@ -27,23 +28,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import pdl_options
+from .launch import gdc_end, gdc_mode, gdc_start, pdl_options
 
 _MIN_CHUNK = 0  # lower bound of SELECT_PLAN["chunk"] (tests set a small chunk through it)
 _MAX_THRESHOLD_ROW = 32768  # pages a threshold top-k program holds in registers
 # Launch knobs, the fastest of benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 4
 # retrieval heads x 4 queries, graph replay; 128K / 512K): elementwise scores with 1024-key sort
 # chunks 31.0 / 59.1 us, with 512-key chunks 22.7 / 61.1; tensor-core scores ("dot") with
-# 512-key chunks 16.8 / 42.8 (scores alone 41.0 -> 22.6 us at 512K). The threshold search
-# ("auto") 23.5 / 49.4 after the dot scores; "radix" 33.0 / 120.1 (tl.histogram over 8K keys per
-# program is slow there).
+# 512-key chunks 16.8 / 42.7 (scores alone 41.0 -> 22.5 us at 512K); the rounds through tl.topk
+# ("partial_sort") 15.5 / 33.5, 15.0 / 32.8 with PDL triggered at each program's end
+# (kernels/launch.py), 14.7 / 31.6 with 8 warps per sorting program. The threshold search ("auto") 23.5 / 49.4 after the dot scores; "radix"
+# 33.0 / 120.1 (tl.histogram over 8K keys per program is slow there).
 SELECT_PLAN = {
     "score_rows": 32,   # logical pages scored per program
     "score_warps": 4,
     "topk": "sort",     # "auto": threshold search when fewer slots than pages; "sort": sorting
     "chunk": 512,       # keys sorted per program in the first top-k round ("sort")
-    # "sort" rounds through tl.topk (Triton >= 3.5) instead of full sorts; not yet measured on a GPU
-    "partial_sort": False,
+    "sort_warps": 8,    # warps of a "sort" top-k program (4: 15.0 / 32.8 us with partial sorting)
+    # "sort" rounds through tl.topk (a bitonic sort that stops merging past k) when Triton has it
+    "partial_sort": True,
     # "dot": all G queries of a KV head at once on tensor cores, sum_c max(q_c Kmax_c, q_c Kmin_c)
     # = q+ . Kmax + q- . Kmin (q+ = max(q, 0), q- = min(q, 0)); "fma": elementwise, query by query.
     "score": "dot",
@@ -125,9 +128,7 @@ def _score_dot_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
     (row, KV head) and all its G query heads at once: two [M, D] x [D, BLOCK_L] tensor-core
     products, the summaries read once per KV head instead of once per query head. GDC: launched
     with PDL (kernels/launch.py)."""
-    if GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_start(GDC)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
@@ -162,6 +163,7 @@ def _score_dot_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
         tl.store(o_base + o_off, _sort_key(score, page[None, :]), mask=ok)
     else:
         tl.store(o_base + o_off, score, mask=ok)
+    gdc_end(GDC)
 
 
 @triton.jit
@@ -172,9 +174,7 @@ def _topk_kernel(KEYS, OUT, n_keys, n_out, P, stride_row_in, stride_row_out,
     into the next round, or (FINAL) as page indices; ranks past the P pages get the rank itself.
     PARTIAL: ``tl.topk`` (a bitonic sort that stops merging past K_KEEP) instead of a full sort;
     the keys are distinct, so both keep the same keys in the same order."""
-    if GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_start(GDC)
     row = tl.program_id(1)
     chunk = tl.program_id(0)
     offs = tl.arange(0, CHUNK)
@@ -193,6 +193,7 @@ def _topk_kernel(KEYS, OUT, n_keys, n_out, P, stride_row_in, stride_row_out,
     else:
         tl.store(OUT + row.to(tl.int64) * stride_row_out + chunk * K_KEEP + offs, keys,
                  mask=offs < K_KEEP)
+    gdc_end(GDC)
 
 
 @triton.jit
@@ -305,7 +306,7 @@ def _scores(q, kmax, kmin, lengths, page_size, logical_page_size, pack, last_inf
             Hkv, G, P, NL, page_size, logical_page_size,
             LPP=lpp, BLOCK_L=block_l, M=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, PACK=pack,
             LAST_INF=last_inf, IEEE=q.dtype == torch.float32 or q.device.type == "cpu",
-            GDC=bool(pdl), num_warps=SELECT_PLAN["score_dot_warps"], **pdl)
+            GDC=gdc_mode(pdl, "select"), num_warps=SELECT_PLAN["score_dot_warps"], **pdl)
     elif out.numel():
         _score_kernel[(triton.cdiv(P, block_p), B * Hkv)](
             q, kmax, kmin, lengths.to(device=q.device), out,
@@ -365,21 +366,26 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select,
                                             P_PAD=p_pad, K_PAD=k_pad,
                                             IDX_BITS=max(1, p_pad.bit_length()), num_warps=warps)
         return out
-    k_keep = triton.next_power_of_2(n_select)
     pdl = pdl_options(q.device, "select")
+    gdc = gdc_mode(pdl, "select")
     partial = bool(SELECT_PLAN.get("partial_sort")) and hasattr(tl, "topk")
+    # tl.topk of Triton 3.6 cannot keep a single key (its last reduction leaves a scalar)
+    k_keep = triton.next_power_of_2(max(n_select, 2 if partial else 1))
+    warps = SELECT_PLAN["sort_warps"]
     chunk = max(_MIN_CHUNK or SELECT_PLAN["chunk"], 2 * k_keep)
     n_chunks = triton.cdiv(P, chunk)
     if n_chunks <= 1:
         size = triton.next_power_of_2(max(P, n_select, 2))
         _topk_kernel[(1, rows)](keys, out, P, n_select, P, P, n_select,
-                                CHUNK=size, K_KEEP=k_keep, FINAL=True, GDC=bool(pdl), PARTIAL=partial, num_warps=4, **pdl)
+                                CHUNK=size, K_KEEP=k_keep, FINAL=True, GDC=gdc, PARTIAL=partial,
+                                num_warps=warps, **pdl)
         return out
     cand = torch.empty(rows, n_chunks * k_keep, dtype=torch.int64, device=q.device)
     _topk_kernel[(n_chunks, rows)](keys, cand, P, 0, P, P, n_chunks * k_keep,
-                                   CHUNK=chunk, K_KEEP=k_keep, FINAL=False, GDC=bool(pdl), PARTIAL=partial, num_warps=4,
+                                   CHUNK=chunk, K_KEEP=k_keep, FINAL=False, GDC=gdc, PARTIAL=partial, num_warps=warps,
                                    **pdl)
     size = triton.next_power_of_2(n_chunks * k_keep)
     _topk_kernel[(1, rows)](cand, out, n_chunks * k_keep, n_select, P, n_chunks * k_keep, n_select,
-                            CHUNK=size, K_KEEP=k_keep, FINAL=True, GDC=bool(pdl), PARTIAL=partial, num_warps=4, **pdl)
+                            CHUNK=size, K_KEEP=k_keep, FINAL=True, GDC=gdc, PARTIAL=partial,
+                            num_warps=warps, **pdl)
     return out

@@ -10,7 +10,9 @@ baseline). Both read:
 * a streaming head reads its sink buffer and its ring buffer (``sink + local`` slots; which slots
   hold live tokens follows :func:`lserve_hf.streaming.streaming_decode_slots`);
 * a retrieval head reads only its selected physical pages of the KV pool (a paged gather);
-  empty slots (-1 or past the pool) and tokens past the row's length are skipped.
+  empty slots (-1 or past the pool) and tokens past the row's length are skipped. By default a
+  retrieval program of the tensor-core kernel loads its split's page numbers before its loop, so
+  no page load waits on a page-number load.
 
 Programs write an unnormalised partial output with its running max and sum; a second, tiny
 kernel merges the splits (skipped when there is one split). References:
@@ -24,19 +26,20 @@ import triton
 import triton.language as tl
 
 from .block_sparse_prefill import _descriptor, _tma_ok
-from .launch import pdl_options
+from .launch import gdc_end, gdc_mode, gdc_start, pdl_options
 
 # Launch plan, the fastest of benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 128K,
-# 50% streaming, graph replay): the per-thread FMA kernel 27.1 us at its best (1024 programs); the
-# tensor-core kernel ("mma") 19.2 us at 256 programs of 4 pages with 2 stages, 20.2 at 1024
-# programs of 1 page. With programmatic dependent launch (kernels/launch.py): 18.1 us (2 stages),
-# 18.9 (3 stages); pages through the copy engine ("tma") 17.9 (3 stages), within noise, so off.
+# 50% streaming, graph replay, PDL on): the per-thread FMA kernel 27.2 us at its best (1024
+# programs); the tensor-core kernel ("mma") 18.0 us at 256 programs of 4 pages with 2 stages; with
+# each retrieval program's page numbers loaded before its loop ("prefetch_pages") 17.6 us there,
+# and 16.6 us at 128 programs of 8 pages with 3 stages (the key loads no longer wait on a
+# page-number load, so a deeper pipeline pays). Pages through the copy engine ("tma") 18.0.
 DECODE_PLAN = {
-    "target_programs": 256,    # programs to aim for (about 2 per multiprocessor of 132)
-    "min_split_tokens": 256,   # a split reads at least this many keys
+    "target_programs": 128,    # programs to aim for (about 1 per multiprocessor of 132)
+    "min_split_tokens": 512,   # a split reads at least this many keys
     "block_t": None,           # keys per step; None: max(64, page size rounded up to 2^k)
     "num_warps": 4,
-    "num_stages": 2,
+    "num_stages": 3,
     # Merge the splits in the decode launch itself (the last program of each head to finish
     # merges, through a per-head counter) instead of a second launch. The counters live in a
     # per-device buffer kept between calls, so calls must not run concurrently on two streams.
@@ -48,6 +51,8 @@ DECODE_PLAN = {
     # retrieval pages through the tensor copy engine (sm90+, 2-byte pool, power-of-two page):
     # None = when possible, False = never.
     "tma": False,
+    # a retrieval program of the tensor-core decode loads its split's page numbers before its loop
+    "prefetch_pages": True,
 }
 
 _COUNTERS: dict = {}   # device -> int32 zeros, one counter per query head (reset by the kernel)
@@ -101,6 +106,22 @@ def _page_tile(pg, pk, pv, slot, hi, within, page_size, n_pool_pages, length,
     """K and V rows of the selected pages in page slots ``slot`` (a page per PAGE_PAD rows,
     ``within`` the row's token in its page); empty slots and tokens past the length are zero."""
     page = tl.load(pg + slot * spg_k, mask=slot < hi, other=-1)
+    return _page_rows(pk, pv, page, within, page_size, n_pool_pages, length,
+                      spk_t, spk_d, spv_t, spv_d, offs_d)
+
+
+@triton.jit
+def _slot_pages(plist, slots, slot, hi):
+    """The page numbers of page slots ``slot`` from ``plist``, the pages of slots ``slots`` already
+    in registers (-1 past ``hi``): a select, no memory access."""
+    page = tl.sum(tl.where(slots[None, :] == slot[:, None], plist[None, :], 0), 1)
+    return tl.where(slot < hi, page, -1)
+
+
+@triton.jit
+def _page_rows(pk, pv, page, within, page_size, n_pool_pages, length,
+               spk_t, spk_d, spv_t, spv_d, offs_d):
+    """K and V rows of token ``within`` of pool page ``page`` (-1 or past the pool: empty)."""
     tok = page * page_size + within
     valid = (page >= 0) & (page < n_pool_pages) & (within < page_size) & (tok < length)
     tok = tok.to(tl.int64)
@@ -299,7 +320,7 @@ def _sparse_decode_dot_kernel(
         stream_per_split, slots_per_split, n_split_s, n_split_r,
         BLOCK_T: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, M: tl.constexpr,
         DIRECT: tl.constexpr, IEEE: tl.constexpr, FUSED: tl.constexpr, SPLIT_PAD: tl.constexpr,
-        TMA: tl.constexpr, GDC: tl.constexpr):
+        TMA: tl.constexpr, GDC: tl.constexpr, PREFETCH: tl.constexpr, SLOT_PAD: tl.constexpr):
     """The decode of _sparse_decode_kernel with q k^T and p v as tensor-core products.
 
     A streaming program owns one KV head's whole group (its G query heads share the sink and ring
@@ -309,10 +330,9 @@ def _sparse_decode_dot_kernel(
     TMA: a retrieval page (BLOCK_T == page size, a power of two) is one contiguous tile of the
     pool, so the copy engine fetches it through the descriptors PKD, PVD ([B, Hr, T, D], block
     [1, 1, page, D]) asynchronously, without a register or an address per element.
-    GDC: launched with PDL (kernels/launch.py): wait for the previous grid, let the next start."""
-    if GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    PREFETCH: a retrieval program loads its SLOT_PAD (>= its split's) page numbers before its loop.
+    GDC: launched with PDL (kernels/launch.py) in that mode."""
+    gdc_start(GDC)
     pid = tl.program_id(0)
     n_rows = B * (Hs + Hr) * G
     n_retr = B * Hr * G * n_split_r
@@ -372,15 +392,30 @@ def _sparse_decode_dot_kernel(
         pg = PAGES + b64 * spg_b + h * spg_h + g0 * spg_g
         pk = PK + b64 * spk_b + h * spk_h
         pv = PV + b64 * spv_b + h * spv_h
+        if PREFETCH:
+            # The split's page numbers in registers first: a key load then never waits on a
+            # page-number load, so the pipeliner can issue the next pages' loads early.
+            slots = lo + tl.arange(0, SLOT_PAD)
+            plist = tl.load(pg + slots * spg_k, mask=slots < hi, other=-1)
         if TMA:
             for s0 in range(lo, hi):
-                page = tl.load(pg + s0 * spg_k)
+                if PREFETCH:
+                    page = tl.sum(tl.where(slots == s0, plist, 0), 0)
+                else:
+                    page = tl.load(pg + s0 * spg_k)
                 ok_page = (page >= 0) & (page < n_pool_pages)
                 first = (tl.where(ok_page, page, 0) * page_size).to(tl.int32)
                 valid = ok_page & (first + offs_t < length)
                 k = PKD.load([b.to(tl.int32), h.to(tl.int32), first, 0]).reshape(BLOCK_T, HEAD_DIM)
                 v = PVD.load([b.to(tl.int32), h.to(tl.int32), first, 0]).reshape(BLOCK_T, HEAD_DIM)
                 v = tl.where(valid[:, None], v, 0.0)   # tokens past the length may hold NaN
+                acc, l_i, m_i = _dot_update(acc, l_i, m_i, q, k, v, valid, qk_scale, IEEE)
+        elif PREFETCH:
+            within = offs_t % PAGE_PAD
+            for s0 in range(lo, hi, BLOCK_T // PAGE_PAD):
+                page = _slot_pages(plist, slots, s0 + offs_t // PAGE_PAD, hi)
+                k, v, valid = _page_rows(pk, pv, page, within, page_size, n_pool_pages, length,
+                                         spk_t, spk_d, spv_t, spv_d, offs_d)
                 acc, l_i, m_i = _dot_update(acc, l_i, m_i, q, k, v, valid, qk_scale, IEEE)
         else:
             within = offs_t % PAGE_PAD
@@ -414,6 +449,7 @@ def _sparse_decode_dot_kernel(
                     _store_head(out, OS, OR, b64, hh, g0 + j, Hs, sos_b, sos_h, sos_g, sos_d,
                                 sor_b, sor_h, sor_g, sor_d, offs_d)
                 tl.atomic_xchg(COUNTER + row0, 0)
+    gdc_end(GDC)
 
 
 @triton.jit
@@ -423,9 +459,7 @@ def _combine_kernel(OPART, MLPART, OS, OR,
                     Hs, Hr, G, n_split_s, n_split_r,
                     SPLIT_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, GDC: tl.constexpr):
     """Merge the splits of one query head: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s."""
-    if GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    gdc_start(GDC)
     row = tl.program_id(0)
     n_rows = tl.num_programs(0)
     per_b = (Hs + Hr) * G
@@ -436,6 +470,7 @@ def _combine_kernel(OPART, MLPART, OS, OR,
     n_split = tl.where(hh < Hs, n_split_s, n_split_r)
     out = _merge_splits(OPART, MLPART, row, n_rows, n_split, SPLIT_PAD, HEAD_DIM, False)
     _store_head(out, OS, OR, b, hh, g, Hs, sos_b, sos_h, sos_g, sos_d, sor_b, sor_h, sor_g, sor_d, offs_d)
+    gdc_end(GDC)
 
 
 def _tma_pages_ok(pool_k, pool_v, page_size) -> bool:
@@ -465,7 +500,7 @@ def _split_plan(rows_s, rows_r, stream_tokens, n_slots, page_size, block_t, page
 def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k, pool_v, pages,
                         lengths, sink, local, page_size, scale, out_stream=None, out_retr=None,
                         *, n_split=None, block_t=None, num_warps=None, num_stages=None,
-                        fused_combine=None, mma=None, tma=None):
+                        fused_combine=None, mma=None, tma=None, prefetch=None):
     """Decode attention of streaming and retrieval heads in one launch (+ a merge launch).
 
     q_stream ``[B, Hs, G, D]``; sink_k/v ``[B, Hs, sink, D]``; ring_k/v ``[B, Hs, local, D]``;
@@ -473,8 +508,9 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
     ``[B, Hr, G, K]`` (-1 or >= T // page_size: empty slot); lengths ``[B]`` (the current token
     counted). Hs or Hr may be 0. Returns ``(out_stream, out_retr)`` in the queries' dtypes,
     written into ``out_stream`` / ``out_retr`` when given. ``n_split``, ``block_t`` and
-    ``num_warps``, ``num_stages``, ``fused_combine``, ``mma``, ``tma`` override ``DECODE_PLAN``
-    (tuning only; ``tma=True`` raises where the copy engine cannot load the pool's pages)."""
+    ``num_warps``, ``num_stages``, ``fused_combine``, ``mma``, ``tma``, ``prefetch`` override
+    ``DECODE_PLAN`` (tuning only; ``tma=True`` raises where the copy engine cannot load the pool's
+    pages)."""
     B, Hs, Gs, D = q_stream.shape
     _, Hr, Gr, Dr = q_retr.shape
     if out_stream is None:
@@ -502,6 +538,8 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
     num_warps = num_warps or DECODE_PLAN["num_warps"]
     num_stages = num_stages or DECODE_PLAN["num_stages"]
     block_t = max(int(block_t), page_pad)
+    # Triton's pipeline buffers K and V tiles in shared memory: fp32 tiles of D=128 fit 2 stages
+    num_stages = min(num_stages, max(2, 131072 // (2 * block_t * D * q_stream.element_size())))
     rows = B * (Hs + Hr) * G
     ns, sps, nr, slps = _split_plan(B * Hs * G, B * Hr * G, stream_tokens, n_slots, page_size,
                                     block_t, page_pad, n_split)
@@ -529,8 +567,10 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
     if use_mma and not mma_ok:
         raise ValueError(f"the tensor-core decode takes fp16/bf16/fp32 queries and head dim >= 16, "
                          f"got {any_q.dtype} and {D}; pass mma=False")
-    if tma and not use_mma:
-        raise ValueError("tma=True loads pages for the tensor-core decode; pass mma=True as well")
+    for name, on in (("tma", tma), ("prefetch", prefetch)):
+        if on and not use_mma:
+            raise ValueError(f"{name}=True loads pages for the tensor-core decode; pass mma=True as well")
+    prefetch = DECODE_PLAN["prefetch_pages"] if prefetch is None else prefetch
     counters = None
     if direct:
         opart = mlpart = os_  # unused
@@ -564,7 +604,9 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
             float(scale) * 1.4426950408889634, sps, slps, ns, nr,
             BLOCK_T=block_t, PAGE_PAD=page_pad, HEAD_DIM=D, M=max(16, triton.next_power_of_2(G)),
             DIRECT=direct, IEEE=any_q.dtype == torch.float32 or any_q.device.type == "cpu",
-            FUSED=fused, SPLIT_PAD=triton.next_power_of_2(n_split), TMA=bool(tma), GDC=bool(pdl),
+            FUSED=fused, SPLIT_PAD=triton.next_power_of_2(n_split), TMA=bool(tma),
+            GDC=gdc_mode(pdl, "decode"), PREFETCH=bool(prefetch),
+            SLOT_PAD=triton.next_power_of_2(max(slps, 1)),
             num_warps=num_warps, num_stages=num_stages, **pdl)
     else:
         _sparse_decode_kernel[(B * (Hs * G * ns + Hr * G * nr),)](
@@ -580,6 +622,6 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
         merge_pdl = pdl if use_mma else {}
         _combine_kernel[(rows,)](
             opart, mlpart, os_, or_, *os_.stride(), *or_.stride(), Hs, Hr, G, ns, nr,
-            SPLIT_PAD=triton.next_power_of_2(n_split), HEAD_DIM=D, GDC=bool(merge_pdl),
+            SPLIT_PAD=triton.next_power_of_2(n_split), HEAD_DIM=D, GDC=gdc_mode(merge_pdl, "decode"),
             num_warps=4 if n_split >= 16 else 1, **merge_pdl)
     return out_stream, out_retr

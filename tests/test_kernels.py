@@ -355,7 +355,12 @@ def test_select_pages_random_float(monkeypatch, score):
 
 
 @gpu
-def test_select_pages_gpu_long_context():
+@pytest.mark.parametrize("pdl,partial", [(False, False), (True, False), ("late", False), ("late", True)])
+def test_select_pages_gpu_long_context(pdl, partial, monkeypatch):
+    """128K context, every top-k on the GPU, under each PDL mode and with partial sorting."""
+    from lserve_hf.kernels import launch
+    monkeypatch.setitem(launch.PDL, "select", pdl)
+    monkeypatch.setitem(PS.SELECT_PLAN, "partial_sort", partial)
     torch.manual_seed(33)
     B, Hkv, G, D, ps, lp = 1, 8, 4, 128, 64, 16
     T = 128 * 1024
@@ -415,59 +420,65 @@ def _check_decode(B, Hs, Hr, G, D, sink, local, T, ps, K, lengths, dtype=torch.f
         assert rel_err(out_r, ref) < _tol(dtype)
 
 
-MMA = pytest.mark.parametrize("mma", [False, True], ids=["fma", "mma"])
+# the per-thread kernel, the tensor-core kernel, and the latter with page numbers loaded first
+MMA = pytest.mark.parametrize("mma,prefetch", [(False, None), (True, False), (True, True)],
+                              ids=["fma", "mma", "mma-prefetch"])
 
 
 @MMA
 @pytest.mark.parametrize("G,D", [(1, 64), (4, 128), (8, 64)])
-def test_decode_mixed_heads(G, D, mma):
+def test_decode_mixed_heads(G, D, mma, prefetch):
     torch.manual_seed(40 + G)
     # lengths cross page boundaries (partial last pages), one short row, ring wrapped in row 0
-    _check_decode(2, 2, 2, G, D, sink=5, local=13, T=96, ps=16, K=4, lengths=[91, 9], mma=mma)
+    _check_decode(2, 2, 2, G, D, sink=5, local=13, T=96, ps=16, K=4, lengths=[91, 9], mma=mma,
+                  prefetch=prefetch)
 
 
 @MMA
 @pytest.mark.parametrize("n_split", [1, 3, None])
-def test_decode_splits(n_split, mma):
+def test_decode_splits(n_split, mma, prefetch):
     torch.manual_seed(50)
     _check_decode(3, 1, 2, 2, 64, sink=4, local=24, T=128, ps=16, K=6, lengths=[128, 45, 17],
-                  n_split=n_split, mma=mma)
+                  n_split=n_split, mma=mma, prefetch=prefetch)
 
 
 @MMA
 @pytest.mark.parametrize("n_split", [3, None])
-def test_decode_fused_combine(n_split, mma):
+def test_decode_fused_combine(n_split, mma, prefetch):
     """Splits merged inside the decode launch (per-head counters): right twice in a row, so the
     counters are back at zero after a call."""
     for seed in (51, 52):
         torch.manual_seed(seed)
         _check_decode(3, 1, 2, 2, 64, sink=4, local=24, T=128, ps=16, K=6, lengths=[128, 45, 17],
-                      n_split=n_split, fused_combine=True, mma=mma)
+                      n_split=n_split, fused_combine=True, mma=mma, prefetch=prefetch)
 
 
 @MMA
-def test_decode_only_retrieval_or_only_streaming(mma):
+def test_decode_only_retrieval_or_only_streaming(mma, prefetch):
     torch.manual_seed(51)
-    _check_decode(2, 0, 3, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 33], n_split=2, mma=mma)
-    _check_decode(2, 3, 0, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 3], n_split=2, mma=mma)
-    _check_decode(2, 2, 0, 2, 64, sink=0, local=8, T=80, ps=16, K=4, lengths=[70, 3], mma=mma)
+    kw = dict(mma=mma, prefetch=prefetch)
+    _check_decode(2, 0, 3, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 33], n_split=2, **kw)
+    _check_decode(2, 3, 0, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 3], n_split=2, **kw)
+    _check_decode(2, 2, 0, 2, 64, sink=0, local=8, T=80, ps=16, K=4, lengths=[70, 3], **kw)
 
 
 @MMA
-def test_decode_bf16_odd_page(mma):
+def test_decode_bf16_odd_page(mma, prefetch):
     torch.manual_seed(52)
     # page of 24 tokens (not a power of two), bf16
     _check_decode(2, 2, 2, 2, 128, sink=6, local=10, T=96, ps=24, K=3, lengths=[95, 30],
-                  dtype=torch.bfloat16, mma=mma)
+                  dtype=torch.bfloat16, mma=mma, prefetch=prefetch)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("n_split,fused", [(1, False), (3, False), (None, True)])
-def test_decode_tma_pages(n_split, fused):
+def test_decode_tma_pages(n_split, fused, prefetch):
     """Retrieval pages through tensor descriptors (the copy engine on sm90+; the interpreter on
     CPU): partial last pages, empty slots, poisoned tokens past the length and unselected pages."""
     torch.manual_seed(54)
     _check_decode(2, 2, 2, 4, 64, sink=5, local=21, T=160, ps=16, K=5, lengths=[157, 40],
-                  dtype=torch.bfloat16, mma=True, tma=True, n_split=n_split, fused_combine=fused)
+                  dtype=torch.bfloat16, mma=True, tma=True, n_split=n_split, fused_combine=fused,
+                  prefetch=prefetch)
 
 
 def test_decode_tma_refuses_odd_page():
@@ -477,6 +488,9 @@ def test_decode_tma_refuses_odd_page():
         sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, 4, 8, 24, 0.125, mma=True, tma=True)
     with pytest.raises(ValueError, match="mma=True"):
         sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, 4, 8, 24, 0.125, mma=False, tma=True)
+    with pytest.raises(ValueError, match="mma=True"):
+        sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, 4, 8, 24, 0.125, mma=False,
+                            prefetch=True)
 
 
 def test_pdl_only_on_hopper_gpus(monkeypatch):
@@ -492,6 +506,11 @@ def test_pdl_only_on_hopper_gpus(monkeypatch):
     monkeypatch.setitem(launch.PDL, "select", False)
     assert launch.pdl_options(torch.device("cuda", 0), "decode") == {"launch_pdl": True}
     assert launch.pdl_options(torch.device("cuda", 0), "select") == {}
+    assert launch.gdc_mode({}, "decode") == 0
+    assert launch.gdc_mode({"launch_pdl": True}, "decode") == 1
+    monkeypatch.setitem(launch.PDL, "decode", "late")
+    assert launch.pdl_options(torch.device("cuda", 0), "decode") == {"launch_pdl": True}
+    assert launch.gdc_mode({"launch_pdl": True}, "decode") == 2
 
 
 def test_decode_mma_refuses_float64():
@@ -505,12 +524,15 @@ def test_decode_mma_refuses_float64():
 
 @gpu
 @MMA
-def test_decode_gpu_budget_shape(mma):
+@pytest.mark.parametrize("pdl", [True, "late"])
+def test_decode_gpu_budget_shape(mma, prefetch, pdl, monkeypatch):
+    from lserve_hf.kernels import launch
+    monkeypatch.setitem(launch.PDL, "decode", pdl)
     torch.manual_seed(53)
     _check_decode(2, 4, 4, 4, 128, sink=128, local=256, T=16384, ps=64, K=64,
-                  lengths=[16384 - 5, 9000], dtype=torch.bfloat16, mma=mma)
+                  lengths=[16384 - 5, 9000], dtype=torch.bfloat16, mma=mma, prefetch=prefetch)
     _check_decode(1, 4, 4, 8, 128, sink=128, local=256, T=16384, ps=64, K=64,
-                  lengths=[7777], dtype=torch.float32, mma=mma)
+                  lengths=[7777], dtype=torch.float32, mma=mma, prefetch=prefetch)
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.0, 1.0])
