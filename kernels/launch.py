@@ -19,10 +19,10 @@ import triton.language as tl
 # Per kernel family: True lets the next grid be scheduled as soon as each program starts (its
 # programs then wait on multiprocessors), "late" once each program has written its output (the
 # next grid's launch still overlaps this one's drain), False no PDL. Measured by
-# benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 128K, 50% streaming, graph replay):
-# decode + merge 19.1 us without PDL, 18.0 with True, 18.7 with "late"; the page selection 16.8
-# without, 30.7 with True (the waiting top-k programs hold multiprocessors the score programs
-# need), 16.0 with "late".
+# benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 128K, 50% streaming, graph replay,
+# the default plans): decode + merge 17.7 us without PDL, 16.6 with True, 17.4 with "late"; the
+# page selection 15.1 without, 18.5 with True (the waiting top-k programs hold multiprocessors the
+# score programs need), 14.7 with "late".
 PDL = {"decode": True, "select": "late"}
 
 
@@ -38,9 +38,12 @@ def gdc_mode(options: dict, family: str) -> int:
     """The ``GDC`` constexpr of a kernel launched with ``options`` (from :func:`pdl_options`): 0
     no PDL, 1 trigger the next grid at the program's start, 2 at its end (``PDL[family] ==
     "late"``)."""
+    mode = PDL[family]
+    if mode not in (False, True, "late"):
+        raise ValueError(f"PDL[{family!r}] is {mode!r}; use False, True or \"late\"")
     if not options:
         return 0
-    return 2 if PDL[family] == "late" else 1
+    return 2 if mode == "late" else 1
 
 
 @functools.lru_cache(maxsize=None)

@@ -511,6 +511,9 @@ def test_pdl_only_on_hopper_gpus(monkeypatch):
     monkeypatch.setitem(launch.PDL, "decode", "late")
     assert launch.pdl_options(torch.device("cuda", 0), "decode") == {"launch_pdl": True}
     assert launch.gdc_mode({"launch_pdl": True}, "decode") == 2
+    monkeypatch.setitem(launch.PDL, "decode", "Late")
+    with pytest.raises(ValueError, match="late"):
+        launch.gdc_mode({}, "decode")
 
 
 def test_decode_mma_refuses_float64():
