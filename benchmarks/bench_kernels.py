@@ -47,10 +47,11 @@ def _kernels():
 
 
 def _kernel_modules():
-    """The kernel modules themselves (the package re-exports functions of the same names)."""
+    """The kernel modules themselves (the package re-exports functions of the same names), and
+    the PDL switches (kernels/launch.py)."""
     from importlib import import_module
     return tuple(import_module("lserve_hf.kernels." + m)
-                 for m in ("block_sparse_prefill", "page_selector", "sparse_decode"))
+                 for m in ("block_sparse_prefill", "page_selector", "sparse_decode", "launch"))
 
 
 def _bench(fn, rep=100):
@@ -312,8 +313,7 @@ def sweep(device, parts=("prefill", "decode", "select")):
     """Launch-parameter sweep on this GPU: prefill block sizes (32K, dense + 50% local 1024), the
     decode plan (128K, 50% streaming) and the selection plan (512K, 50%). Returns the timings and
     the fastest setting of each; ``--tune`` applies those before benchmarking."""
-    bsp, sel_mod, dec_mod = _kernel_modules()  # noqa: F841
-    from lserve_hf.kernels import launch as launch_mod
+    bsp, sel_mod, dec_mod, launch_mod = _kernel_modules()  # noqa: F841
     default_pdl = dict(launch_mod.PDL)
 
     out = {"prefill": [], "decode": [], "select": []}
@@ -528,7 +528,7 @@ def compare(before_path, after_path):
 
 
 def apply_tuning(best):
-    bsp, sel_mod, dec_mod = _kernel_modules()
+    bsp, sel_mod, dec_mod, launch_mod = _kernel_modules()
     if "prefill" in best:
         bsp.PREFILL_CONFIG[D] = tuple(best["prefill"])
     if "prefill_tma" in best:
@@ -537,7 +537,6 @@ def apply_tuning(best):
         dec_mod.DECODE_PLAN.update(best["decode"])
     if "select" in best:
         sel_mod.SELECT_PLAN.update(best["select"])
-    from lserve_hf.kernels import launch as launch_mod
     for family in ("decode", "select"):
         if f"pdl_{family}" in best:
             launch_mod.PDL[family] = best[f"pdl_{family}"]
@@ -578,8 +577,7 @@ def main(argv=None) -> int:
         if args.sweep:
             return 0
         apply_tuning(tuning["best"])
-    bsp, sel_mod, dec_mod = _kernel_modules()
-    from lserve_hf.kernels import launch as launch_mod
+    bsp, sel_mod, dec_mod, launch_mod = _kernel_modules()
     used = {"prefill_config": bsp.PREFILL_CONFIG[D], "prefill_config_tma": bsp.PREFILL_CONFIG_TMA[D],
             "decode_plan": dict(dec_mod.DECODE_PLAN), "pdl": dict(launch_mod.PDL),
             "select_plan": dict(sel_mod.SELECT_PLAN)}

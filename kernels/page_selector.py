@@ -13,7 +13,8 @@ Two or three small launches, none of which waits on the host:
 2. top-k, by default (``SELECT_PLAN["topk"] == "sort"``) ``_topk_kernel``: each chunk of
    keys is sorted and keeps its best ``n_select``, then one more launch sorts the survivors
    (skipped when there is a single chunk); with ``SELECT_PLAN["partial_sort"]`` (default) both
-   rounds sort through ``tl.topk``, which stops merging past the kept keys. The alternative (``"auto"``) is
+   rounds sort through ``tl.topk``, which stops merging past the kept keys. The alternative
+   (``"auto"``) is
    ``_threshold_topk_kernel``, one program per query head: binary search for the
    ``n_select``-th largest key (a few dozen reductions over the row held in registers), then
    only the chosen keys are sorted; used when there are more pages than slots and at most
@@ -37,8 +38,9 @@ _MAX_THRESHOLD_ROW = 32768  # pages a threshold top-k program holds in registers
 # chunks 31.0 / 59.1 us, with 512-key chunks 22.7 / 61.1; tensor-core scores ("dot") with
 # 512-key chunks 16.8 / 42.7 (scores alone 41.0 -> 22.5 us at 512K); the rounds through tl.topk
 # ("partial_sort") 15.5 / 33.5, 15.0 / 32.8 with PDL triggered at each program's end
-# (kernels/launch.py), 14.7 / 31.6 with 8 warps per sorting program. The threshold search ("auto") 23.5 / 49.4 after the dot scores; "radix"
-# 33.0 / 120.1 (tl.histogram over 8K keys per program is slow there).
+# (kernels/launch.py), 14.7 / 31.6 with 8 warps per sorting program. The threshold search
+# ("auto") 23.5 / 49.4 after the dot scores; "radix" 33.0 / 120.1 (tl.histogram over 8K keys per
+# program is slow there).
 SELECT_PLAN = {
     "score_rows": 32,   # logical pages scored per program
     "score_warps": 4,
@@ -371,21 +373,18 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select,
     partial = bool(SELECT_PLAN.get("partial_sort")) and hasattr(tl, "topk")
     # tl.topk of Triton 3.6 cannot keep a single key (its last reduction leaves a scalar)
     k_keep = triton.next_power_of_2(max(n_select, 2 if partial else 1))
-    warps = SELECT_PLAN["sort_warps"]
+    # the same for every round: keys kept per chunk, PDL mode, partial sorting, launch shape
+    kw = dict(K_KEEP=k_keep, GDC=gdc, PARTIAL=partial, num_warps=SELECT_PLAN["sort_warps"], **pdl)
     chunk = max(_MIN_CHUNK or SELECT_PLAN["chunk"], 2 * k_keep)
     n_chunks = triton.cdiv(P, chunk)
     if n_chunks <= 1:
         size = triton.next_power_of_2(max(P, n_select, 2))
-        _topk_kernel[(1, rows)](keys, out, P, n_select, P, P, n_select,
-                                CHUNK=size, K_KEEP=k_keep, FINAL=True, GDC=gdc, PARTIAL=partial,
-                                num_warps=warps, **pdl)
+        _topk_kernel[(1, rows)](keys, out, P, n_select, P, P, n_select, CHUNK=size, FINAL=True, **kw)
         return out
     cand = torch.empty(rows, n_chunks * k_keep, dtype=torch.int64, device=q.device)
-    _topk_kernel[(n_chunks, rows)](keys, cand, P, 0, P, P, n_chunks * k_keep,
-                                   CHUNK=chunk, K_KEEP=k_keep, FINAL=False, GDC=gdc, PARTIAL=partial, num_warps=warps,
-                                   **pdl)
+    _topk_kernel[(n_chunks, rows)](keys, cand, P, 0, P, P, n_chunks * k_keep, CHUNK=chunk, FINAL=False,
+                                   **kw)
     size = triton.next_power_of_2(n_chunks * k_keep)
     _topk_kernel[(1, rows)](cand, out, n_chunks * k_keep, n_select, P, n_chunks * k_keep, n_select,
-                            CHUNK=size, K_KEEP=k_keep, FINAL=True, GDC=gdc, PARTIAL=partial,
-                            num_warps=warps, **pdl)
+                            CHUNK=size, FINAL=True, **kw)
     return out
