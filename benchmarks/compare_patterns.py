@@ -6,7 +6,7 @@ here: ``random`` (uniform scores, seeded) and ``first-half`` (each layer's lowes
 stream first). Every pattern runs at each ``--sparsity`` with the same ``LServeConfig``; dense
 runs once as the reference.
 
-    python benchmarks/compare_patterns.py gates=out/gates probe=calibration/shipped_patterns/SmolLM2-135M-Instruct \\
+    python benchmarks/compare_patterns.py gates=out/gates probe=lserve_hf/shipped_patterns/SmolLM2-135M-Instruct \\
         --sparsity 0.5 0.75 --lengths 2000 3000 4000 --device cuda --out compare.json
 """
 
@@ -28,7 +28,7 @@ def first_half_scores(layers: int, heads: int) -> torch.Tensor:
 
 def main(argv=None):
     from lserve_hf import LServeConfig
-    from lserve_hf.calibration import load_pattern
+    from lserve_hf.heads import load_pattern
     from lserve_hf.evaluation.runner import evaluate, load_model
     from lserve_hf.evaluation.tasks import make_grid
 

@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lserve_hf.backend import set_attention_implementation
+from lserve_hf.patch import set_attention_implementation
 
 # the name predates gate training; kept so that nothing that switched to it by name breaks
 GATE_ATTN = "lserve_probe_gate"

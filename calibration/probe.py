@@ -47,7 +47,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lserve_hf.backend import set_attention_implementation
+from lserve_hf.patch import set_attention_implementation
 
 from .gating import Gate, applied, check_seen, gated
 

@@ -41,7 +41,7 @@ import torch
 
 from lserve_hf.config import LServeConfig
 
-from .patterns import validate_scores
+from lserve_hf.heads import validate_scores
 from .probe import ProbePrompt, _decoder_parts, passkey_probe_prompts
 
 # Calibration prompts of the issue-3 setting: ~3K tokens, no chat template, like the test's

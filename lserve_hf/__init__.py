@@ -8,4 +8,4 @@ from .patch import SUPPORTED_MODEL_TYPES, patch_model, unpatch_model
 
 __all__ = ["LServeCache", "LServeConfig", "SUPPORTED_MODEL_TYPES", "load_embedded_model",
            "patch_model", "unpatch_model"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,9 +1,11 @@
 """The LServe KV cache: a thin ``transformers.Cache`` over one ``LServeLayer`` per decoder layer.
 
-Each layer owns two stores, one per kind of KV head:
-- streaming heads: a sink buffer and a ring buffer (``streaming.py``), constant size;
-- retrieval heads: a page pool ``[B, Hr, capacity, D]`` that grows by whole physical pages, with
-  per-logical-page key max/min summaries (``pages.py``) for query-aware page selection.
+Each layer owns its stores, one per kind of KV head, and its page selection:
+- streaming heads: a sink buffer and a ring buffer (``streaming.StreamingStore``), constant size;
+- retrieval heads: a page pool that grows by whole physical pages, with per-logical-page key
+  max/min summaries (``pages.PagePool``), and the page selection (``selector.PageSelector``).
+The cache owns what all layers share: each row's stored length on the device (``lengths``) and
+the host bookkeeping of its forwards (``step``, a ``DecodeStep``).
 
 Rows are stored from their first real token (left padding removed), so every row's pages, sinks
 and budget are exactly what the same prompt would get alone.
@@ -11,362 +13,302 @@ and budget are exactly what the same prompt would get alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import pages as page_ops
-from .config import LServeConfig
-from .streaming import fill_sink_and_ring
+from .pages import PagePool, round_up
+from .selector import PageSelector
+from .step import DecodeStep
+from .streaming import StreamingStore
 
-
-@dataclass
-class LayerPlan:
-    """Which KV heads of one layer stream, fixed at patch time."""
-
-    layer_idx: int
-    streaming: torch.Tensor  # bool [Hkv]
-    dense: bool              # a dense layer: no streaming heads and no page selection
-
-    def __post_init__(self):
-        self.stream_heads = self.streaming.nonzero().flatten()
-        self.retrieval_heads = (~self.streaming).nonzero().flatten()
-        # streaming heads first: one index_select sorts a tensor's heads by kind, and each kind is
-        # then a slice (a view), not a copy
-        self.order = torch.cat([self.stream_heads, self.retrieval_heads])
-        self.n_stream = self.stream_heads.numel()
-        self._on_device = {}
-
-    def _indices(self, device) -> tuple:
-        """(streaming, retrieval, kind order, its inverse) on ``device``, copied there once."""
-        key = str(device)
-        if key not in self._on_device:
-            self._on_device[key] = (self.stream_heads.to(device), self.retrieval_heads.to(device),
-                                    self.order.to(device), torch.argsort(self.order).to(device))
-        return self._on_device[key]
-
-    def heads(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(streaming, retrieval) KV-head indices on ``device``, copied there once, not per step."""
-        return self._indices(device)[:2]
-
-    def streaming_on(self, device) -> torch.Tensor:
-        """``streaming`` on ``device``, copied there once."""
-        key = ("streaming", str(device))
-        if key not in self._on_device:
-            self._on_device[key] = self.streaming.to(device)
-        return self._on_device[key]
-
-    def query_heads(self, device, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(streaming, retrieval) query-head indices on ``device`` (the ``group`` query heads of
-        each KV head of the kind, in that kind's order), built there once."""
-        key = (str(device), group)
-        if key not in self._on_device:
-            offs = torch.arange(group, device=device)
-            self._on_device[key] = tuple((h[:, None] * group + offs).flatten() for h in self.heads(device))
-        return self._on_device[key]
-
-    def _mixed(self) -> bool:
-        return 0 < self.n_stream < self.streaming.numel()
-
-    def sort_by_kind(self, x: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """(streaming part, retrieval part) of ``x`` along its head dimension: one copy when both
-        kinds exist, none when the layer has one kind."""
-        if self._mixed():
-            x = x.index_select(dim, self._indices(x.device)[2])
-        return x.narrow(dim, 0, self.n_stream), x.narrow(dim, self.n_stream, x.shape[dim] - self.n_stream)
-
-    def unsort(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """Inverse of ``sort_by_kind`` on a tensor whose heads are in (streaming, retrieval) order."""
-        return x.index_select(dim, self._indices(x.device)[3]) if self._mixed() else x
+# Up front, the page pools hold the prompt plus at most this many new tokens: generate() with a
+# huge max_new_tokens must not reserve memory it may never use; past it the pools grow.
+RESERVE_NEW_TOKENS = 16384
 
 
 class LServeLayer(CacheLayerMixin):
-    """One decoder layer's LServe KV: streaming sink + ring, retrieval page pool + summaries."""
+    """One decoder layer's LServe KV: streaming sink + ring, retrieval page pool + summaries, and
+    the page selection. ``epoch`` changes whenever a store is reallocated (captured decode graphs
+    hold the stores' addresses)."""
 
     is_compileable = False
     is_sliding = False
+    is_croppable = True
 
-    def __init__(self, plan: LayerPlan, config: LServeConfig, capacity: int = 0):
+    def __init__(self, plan, capacity: int = 0):
         super().__init__()
-        self.plan, self.config = plan, config
+        cfg = plan.config
+        self.plan = plan
         self.capacity = capacity    # tokens to allocate the page pool for at prefill (0: the prompt's)
-        self.seq_len = 0            # positions seen, padding included (what generate() counts)
-        self.lengths = None         # [B] real tokens stored per row, updated in place
-        self.max_length = 0         # host copy of lengths.max(), so growth needs no device sync
-        self.min_length = 0         # a host lower bound of lengths.min(): past the sink, no sink write
-        self.pending_kv_start = None
-        self.chunk_total = None     # prompt length while a chunked prefill is under way
-        # "empty" -> "chunking" (chunked prefill) -> "prefill" (prompt stored) -> "extend"
-        self.phase = "empty"
-        self.pages = None           # [B, Hr, G, K] reused page selection, overwritten in place
-        self.decode_steps = 0
-        # bumped whenever a store is reallocated: captured decode graphs hold its addresses
+        self.streaming = StreamingStore(cfg.decode_sink, cfg.decode_local)
+        self.pool = PagePool(cfg)
+        self.selector = PageSelector(cfg, plan.dense)
+        self.prompt_k = self.prompt_v = None   # streaming heads' prompt while it comes in chunks
         self.epoch = 0
-        self.sink_k = self.sink_v = self.ring_k = self.ring_v = None
-        self.pool_k = self.pool_v = self.kmax = self.kmin = None
-        self.chunk_k = self.chunk_v = None
 
-    # -- transformers' CacheLayerMixin ------------------------------------------------------
+    # -- transformers' CacheLayerMixin ---------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def get_seq_length(self) -> int:
-        return self.seq_len
+        raise NotImplementedError("LServeCache counts positions itself: use cache.get_seq_length().")
 
     def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
-        q = query_length if isinstance(query_length, int) else int(query_length.shape[-1])
-        return self.seq_len + q, 0
+        raise NotImplementedError("LServeCache sizes masks itself: use cache.get_mask_sizes().")
 
     def get_max_length(self) -> int:
         return -1
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        """Store new keys/values. Returns them unchanged: the first (prefill) chunk is attended
-        from them directly; later steps are attended from the stores (``attention.py``)."""
+    def _no_dense(self, value=None):
+        if value is not None:
+            raise AttributeError("LServeLayer keys and values live in its stores; they cannot be set.")
+
+    def _dense(self):
+        raise AttributeError(
+            "LServeLayer keeps no dense key/value tensor: streaming heads keep `layer.streaming` (sink + "
+            "ring buffers), retrieval heads `layer.pool` (pages). Unpatch the model "
+            "(lserve_hf.unpatch_model) for a DynamicCache with .keys / .values.")
+
+    keys = property(_dense, _no_dense)
+    values = property(_dense, _no_dense)
+
+    def update(self, key_states, value_states, cache=None, *args, **kwargs):
+        """Store new keys/values (``cache``: the LServeCache, for the forward in progress).
+        Returns them unchanged: a prefill attends to them directly; later forwards attend to the
+        stores (``attention.py``)."""
+        if not isinstance(cache, LServeCache):
+            raise TypeError("LServeLayer.update is called by LServeCache.update, with the cache.")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.phase == "empty":
-            total = self.chunk_total or key_states.shape[2]
-            self._start_prompt(key_states, value_states, total)
-            if total == key_states.shape[2]:
-                self.finish_prompt()
-        elif self.phase == "chunking":
-            self._write_prompt(key_states, value_states)
+        fwd = cache.step.current
+        if fwd.kind in ("prefill", "chunk"):
+            self._store_prompt(key_states, value_states, cache, fwd)
         else:
-            self._append(key_states, value_states)
-            self.phase = "extend"
+            self._append(key_states, value_states, cache, fwd)
         return key_states, value_states
 
     def reset(self):
         epoch = self.epoch
-        self.__init__(self.plan, self.config, self.capacity)
+        self.__init__(self.plan, self.capacity)
         self.epoch = epoch + 1      # never repeat an epoch: graphs of the old stores must not replay
 
     def crop(self, tokens_to_remove):
-        raise NotImplementedError(
-            "LServeCache cannot crop: streaming heads keep only a ring of recent tokens, so dropped "
-            "tokens cannot be restored. Assisted/speculative decoding needs an unpatched model.")
+        raise NotImplementedError("LServeCache crops all layers at once: use cache.crop().")
 
-    def _batch_apply(self, fn):
-        for name in ("lengths", "sink_k", "sink_v", "ring_k", "ring_v", "pool_k", "pool_v",
-                     "kmax", "kmin", "pages"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, fn(t))
+    def apply(self, fn) -> None:
+        """Apply a batch operation to every store (beam search, repeats, row selection)."""
+        self.streaming.apply(fn)
+        self.pool.apply(fn)
+        self.selector.apply(fn)
 
-    def reorder_cache(self, beam_idx):
-        # in place, so that the stores keep their addresses (captured decode graphs read them)
-        if self.lengths is not None:
-            self._batch_apply(lambda t: t.copy_(t.index_select(0, beam_idx.to(t.device))))
-
-    def batch_repeat_interleave(self, repeats: int):
-        if self.lengths is not None:
-            self._batch_apply(lambda t: t.repeat_interleave(repeats, dim=0))
-            self.epoch += 1
-
-    def batch_select_indices(self, indices):
-        if self.lengths is not None:
-            self._batch_apply(lambda t: t[indices])
-            self.max_length = int(self.lengths.max())
-            self.min_length = int(self.lengths.min())
-            self.epoch += 1
-
-    def host_state(self) -> tuple:
-        """The host-side bookkeeping a decode step changes (``advance`` replays it)."""
-        return self.seq_len, self.max_length, self.min_length, self.decode_steps, self.phase
-
-    def restore_host_state(self, state: tuple) -> None:
-        self.seq_len, self.max_length, self.min_length, self.decode_steps, self.phase = state
-
-    def advance(self) -> None:
-        """Host bookkeeping of one decode step whose device work ran elsewhere (a graph replay):
-        what ``_append`` and the decode attention do to the host state."""
-        self.seq_len += 1
-        self.max_length += 1
-        self.min_length += 1
-        self.decode_steps += 1
-        self.phase = "extend"
-
-    # -- LServe stores -------------------------------------------------------------------------
-    def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in
-                   (self.sink_k, self.sink_v, self.ring_k, self.ring_v,
-                    self.pool_k, self.pool_v, self.kmax, self.kmin, self.chunk_k, self.chunk_v)
-                   if t is not None)
-
-    def _start_prompt(self, k, v, total: int):
-        """Allocate the prompt's stores and write its first chunk. Rows are written as given
-        (left padding included) and compacted by ``finish_prompt``: chunks attend to them in the
-        positions the model sees. Retrieval heads go straight to the page pool; streaming heads
-        to a prompt buffer that ``finish_prompt`` turns into sink + ring."""
+    # -- the prompt ----------------------------------------------------------------------------
+    def _store_prompt(self, k, v, cache, fwd) -> None:
+        """Write a prompt (or one chunk of it) as given, left padding included: retrieval heads to
+        the page pool, streaming heads to a prompt buffer that :meth:`finish_prompt` turns into
+        sink + ring. A one-pass prefill is finished at once."""
         B, H, S, D = k.shape
-        st, rt = self.plan.heads(k.device)
-        cap = page_ops.round_up(max(total, self.capacity, 1), self.config.page_size)
-        self.pool_k = k.new_zeros(B, rt.numel(), cap, D)
-        self.pool_v = v.new_zeros(B, rt.numel(), cap, D)
-        self.chunk_k = k.new_empty(B, st.numel(), total, D)
-        self.chunk_v = v.new_empty(B, st.numel(), total, D)
-        self.chunk_total, self.seq_len, self.phase = total, 0, "chunking"
-        self._write_prompt(k, v)
-
-    def _write_prompt(self, k, v):
-        a, b = self.seq_len, self.seq_len + k.shape[2]
-        if b > self.chunk_total:
-            raise ValueError(f"A prompt chunk ends at token {b}, past the {self.chunk_total} tokens announced "
-                             "for this chunked prefill.")
         ks, kr = self.plan.sort_by_kind(k)
         vs, vr = self.plan.sort_by_kind(v)
-        self.pool_k[:, :, a:b], self.pool_v[:, :, a:b] = kr, vr
-        self.chunk_k[:, :, a:b], self.chunk_v[:, :, a:b] = ks, vs
-        self.seq_len = b
+        total = cache.step.prompt_total or S
+        a = fwd.before
+        if a == 0:
+            self.pool.allocate(k, kr.shape[1], max(total, self.capacity))
+            self.prompt_k = k.new_empty(B, ks.shape[1], total, D)
+            self.prompt_v = v.new_empty(B, ks.shape[1], total, D)
+        self.pool.write(kr, vr, a, a + S)
+        self.prompt_k[:, :, a:a + S], self.prompt_v[:, :, a:a + S] = ks, vs
+        if fwd.kind == "prefill":
+            self.finish_prompt(cache)
 
-    def finish_prompt(self):
+    def finish_prompt(self, cache) -> None:
         """The whole prompt is stored: compact rows past their left padding, fill the streaming
         heads' sink + ring from the prompt buffer (then freed) and summarise the pool's pages."""
-        cfg = self.config
-        S = self.seq_len
-        B = self.pool_k.shape[0]
-        kv_start = self.pending_kv_start
-        if kv_start is None:
-            kv_start = torch.zeros(B, dtype=torch.long, device=self.pool_k.device)
-        kv_start = kv_start.to(self.pool_k.device)
-        self.pending_kv_start = kv_start
-        self.lengths = (S - kv_start).long()
-        lo, hi = torch.stack([kv_start.min(), kv_start.max()]).tolist() if B else (0, 0)
-        self.max_length, self.min_length = S - lo, S - hi
-        ks, vs = self.chunk_k, self.chunk_v
-        self.chunk_k = self.chunk_v = None
-        if bool((kv_start != 0).any()):
-            # left padding: shift each row so its first real token sits at slot 0
+        S = self.prompt_k.shape[2]
+        lengths = cache.lengths_on(self.prompt_k.device)
+        ks, vs = self.prompt_k, self.prompt_v
+        self.prompt_k = self.prompt_v = None
+        if cache.padded:
+            B = ks.shape[0]
+            kv_start = cache.kv_start.to(ks.device)
             idx = (torch.arange(S, device=ks.device).view(1, S) + kv_start.view(B, 1)).clamp(max=S - 1)
-
-            def shift(x):
-                return torch.gather(x, 2, idx.view(B, 1, S, 1).expand(*x.shape[:2], S, x.shape[3]))
-            ks, vs = shift(ks), shift(vs)
-            self.pool_k[:, :, :S] = shift(self.pool_k[:, :, :S])
-            self.pool_v[:, :, :S] = shift(self.pool_v[:, :, :S])
-        self.sink_k, self.ring_k = fill_sink_and_ring(ks, self.lengths, cfg.decode_sink, cfg.decode_local)
-        self.sink_v, self.ring_v = fill_sink_and_ring(vs, self.lengths, cfg.decode_sink, cfg.decode_local)
-        self.kmax, self.kmin = page_ops.build_summaries(self.pool_k, self.lengths, cfg)
-        self.chunk_total, self.phase = None, "prefill"
+            shift = idx.view(B, 1, S, 1).expand(B, ks.shape[1], S, ks.shape[3])
+            ks, vs = torch.gather(ks, 2, shift), torch.gather(vs, 2, shift)
+            self.pool.shift_rows(idx, S)
+        self.streaming.fill(ks, vs, lengths, record_past=cache.record_past)
+        self.pool.summarize(lengths)
         self.epoch += 1
 
-    # Decode appends grow the pool geometrically (an eighth) up to this many tokens at a time, in
-    # whole pages: the concatenations amortise, and a long prompt is not charged a fraction of its
-    # own size in unused pages.
-    MAX_GROWTH = 1024
-
-    def _grow(self, needed: int, min_step: int = 0):
-        """Make room for ``needed`` tokens: grow the page pool by whole pages (at least
-        ``min_step`` tokens) and extend the summaries with empty logical pages."""
-        cfg = self.config
-        cap = self.pool_k.shape[2]
-        if needed <= cap:
-            return
-        step = max(min_step, min(cap // 8, self.MAX_GROWTH))
-        new_cap = page_ops.round_up(max(needed, cap + step), cfg.page_size)
-        extra = new_cap - cap
-        B, Hr, _, D = self.pool_k.shape
-        self.pool_k = torch.cat([self.pool_k, self.pool_k.new_zeros(B, Hr, extra, D)], dim=2)
-        self.pool_v = torch.cat([self.pool_v, self.pool_v.new_zeros(B, Hr, extra, D)], dim=2)
-        nl = extra // cfg.logical_page_size
-        self.kmax = torch.cat([self.kmax, self.kmax.new_full((B, Hr, nl, D), float("-inf"))], dim=2)
-        self.kmin = torch.cat([self.kmin, self.kmin.new_full((B, Hr, nl, D), float("inf"))], dim=2)
-        self.epoch += 1
-
-    def _append(self, k, v):
-        """Append S new tokens per row at slots ``lengths[b] + i``."""
-        cfg = self.config
+    # -- decode and extend ---------------------------------------------------------------------
+    def _append(self, k, v, cache, fwd) -> None:
+        """Append S new tokens per row at slots ``lengths[b] - S + i`` (``lengths`` already
+        counts them)."""
         B, H, S, D = k.shape
-        pos = self.lengths.view(B, 1) + torch.arange(S, device=k.device).view(1, S)   # [B, S]
+        lengths = cache.lengths_on(k.device)
+        pos = lengths.view(B, 1) - S + torch.arange(S, device=k.device).view(1, S)
         ks, kr = self.plan.sort_by_kind(k)
         vs, vr = self.plan.sort_by_kind(v)
-        if self.pool_k.shape[1]:
-            self._grow(self.max_length + S)
-            idx = pos.view(B, 1, S, 1).expand(B, kr.shape[1], S, D)
-            self.pool_k.scatter_(2, idx, kr)
-            self.pool_v.scatter_(2, idx, vr)
-            page_ops.update_summaries(self.kmax, self.kmin, kr, pos, cfg)
-        if self.sink_k.shape[1]:
-            # attention of a multi-token chunk needs the ring as it was before this chunk
-            self.ring_before = (self.ring_k.clone(), self.ring_v.clone()) if S > 1 else None
-            self._append_streaming(ks, vs, pos)
-        self.lengths.add_(S)
-        self.max_length += S
-        self.min_length += S
-        self.seq_len += S
+        if kr.shape[1]:
+            if self.pool.grow(fwd.longest):
+                self.epoch += 1
+            self.pool.append(kr, vr, pos)
+        if ks.shape[1]:
+            if S > 1 and cache.record_past and self.streaming.keep_undo(fwd.longest - S):
+                self.epoch += 1     # graphs captured before the undo log would not write it
+            self.streaming.append(ks, vs, pos, past_sink=cache.step.shortest >= self.streaming.sink)
 
-    def _append_streaming(self, ks, vs, pos):
-        cfg = self.config
-        B, Hs, S, D = ks.shape
-        if cfg.decode_sink and self.min_length < cfg.decode_sink:   # else every new token is past the sink
-            in_sink = (pos < cfg.decode_sink).view(B, 1, S, 1)
-            slot = pos.clamp(max=cfg.decode_sink - 1).view(B, 1, S, 1).expand(B, Hs, S, D)
-            # rows past the sink write a slot's own value back
-            self.sink_k.scatter_(2, slot, torch.where(in_sink, ks, self.sink_k.gather(2, slot)))
-            self.sink_v.scatter_(2, slot, torch.where(in_sink, vs, self.sink_v.gather(2, slot)))
-        n = min(S, cfg.decode_local)   # only the newest `local` tokens can survive in the ring
-        slot = torch.remainder(pos[:, S - n:], cfg.decode_local).view(B, 1, n, 1).expand(B, Hs, n, D)
-        self.ring_k.scatter_(2, slot, ks[:, :, S - n:])
-        self.ring_v.scatter_(2, slot, vs[:, :, S - n:])
+    def reserve(self, longest: int, min_step: int = 0) -> None:
+        """Grow the page pool, outside a captured step, when ``longest`` tokens would not fit."""
+        if self.pool.grow(longest, min_step):
+            self.epoch += 1
+
+    def kv_bytes(self) -> int:
+        return self.streaming.nbytes() + self.pool.nbytes() + sum(
+            t.numel() * t.element_size() for t in (self.prompt_k, self.prompt_v) if t is not None)
 
 
 class LServeCache(Cache):
     """KV cache of a patched model. ``generate()`` and plain forwards of a patched model create
     one per call; pass ``LServeCache(model)`` as ``past_key_values`` to keep it yourself."""
 
-    def __init__(self, model=None, *, plans: list[LayerPlan] | None = None,
-                 config: LServeConfig | None = None, max_length: int | None = None):
+    def __init__(self, model=None, *, plans=None, max_length: int | None = None, patch_token=None):
         """``max_length``: tokens (prompt + new) to allocate the page pools for at prefill, so that
-        decoding never grows them; without it they grow in steps as decoding goes."""
+        decoding never grows them (at most the prompt + ``RESERVE_NEW_TOKENS`` up front)."""
         if plans is None:
             state = getattr(model, "_lserve", None)
             if state is None:
                 raise ValueError("LServeCache(model) needs a model patched with lserve_hf.patch_model(model).")
-            plans, config = state.plans, state.config
-        super().__init__(layers=[LServeLayer(p, config, max_length or 0) for p in plans])
-        self.config = config
-        self.decode_graphs = None   # lserve_hf.decode_graph.DecodeGraphs, made on the first decode step
+            plans, patch_token = state.plans, state.token
+        super().__init__(layers=[LServeLayer(p) for p in plans])
+        self.max_length = max_length
+        self.patch_token = patch_token     # the patch_model call this cache was made for
+        self.step = DecodeStep(self.config.selector_interval)
+        self._lengths = {}        # device -> int64 [B]: real tokens stored per row
+        self.kv_start = None      # [B] each row's left padding in the prompt
+        self.padded = False       # host: some row of the prompt is left-padded
+        self.prompt_rows = (0, 0)  # host (shortest, longest) real lengths of the stored prompt's rows
+        self.record_past = False  # streaming rings keep what they overwrite (assisted decoding)
+        self.unusable = None      # why this cache refuses further forwards (None: it does not)
+        self.decode_graphs = None  # lserve_hf.decode_graph.DecodeGraphs, made on the first graph step
+
+    @property
+    def config(self):
+        return self.layers[0].plan.config
 
     @property
     def epoch(self) -> int:
         """Changes whenever a layer reallocates a store."""
         return sum(layer.epoch for layer in self.layers)
 
-    def begin_chunks(self, total: int) -> None:
-        """Announce a prompt of ``total`` tokens that will arrive in several forwards."""
-        for layer in self.layers:
-            layer.chunk_total = total
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        """Real tokens stored per row ``[B]`` (on the first layer's device)."""
+        return next(iter(self._lengths.values()), None)
 
-    def finish_chunks(self) -> None:
-        for layer in self.layers:
-            if layer.phase == "chunking":
-                layer.finish_prompt()
+    def lengths_on(self, device) -> torch.Tensor:
+        """The row lengths on ``device`` (a copy per device for models split across devices)."""
+        key = str(device)
+        if key not in self._lengths:
+            self._lengths[key] = self.lengths.to(device)
+        return self._lengths[key]
 
-    def begin_forward(self, attention_mask: torch.Tensor | None, batch: int, q_len: int, device):
-        """Record each row's left padding before the first (prefill) chunk reaches the layers."""
-        if self.layers[0].phase == "chunking":
-            return
-        if self.get_seq_length() > 0:
-            if attention_mask is not None and attention_mask.dim() == 2 and q_len > 1 \
-                    and not bool(attention_mask[:, -q_len:].all()):
-                raise ValueError("LServe supports padding only on the left of the first chunk; "
-                                 "new tokens appended to a cache cannot be padding.")
-            return
-        kv_start = torch.zeros(batch, dtype=torch.long, device=device)
-        if attention_mask is not None and attention_mask.dim() == 2:
-            m = attention_mask[:, -q_len:].to(device).bool()
-            if bool((m[:, 1:] < m[:, :-1]).any()):
-                raise ValueError(
-                    "LServe supports left padding only (each row's real tokens must be contiguous and "
-                    "end at the last position): load the tokenizer with padding_side='left'.")
-            kv_start = (~m).sum(1)
-            if bool((kv_start >= q_len).any()):
-                raise ValueError("A row of the batch holds no real token (its attention_mask is all zeros).")
+    # -- transformers' Cache -------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        if self.step.current is None:
+            raise RuntimeError(
+                "This LServeCache is used outside a patched model's forward (was the model unpatched, "
+                "or patched again since the cache was made?). Patch the model with "
+                "lserve_hf.patch_model and let it create its cache, or pass LServeCache(model).")
+        return self.layers[layer_idx].update(key_states, value_states, self)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.step.seen
+
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[-1])
+        return self.step.seen + q, 0
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    def activate_past_recording(self) -> None:
+        """Assisted decoding will crop rejected drafts: streaming rings keep what they overwrite."""
+        self.record_past = True
         for layer in self.layers:
-            layer.pending_kv_start = kv_start
+            if layer.streaming.heads and layer.streaming.keep_undo(self.step.longest):
+                layer.epoch += 1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest tokens: ``crop(-n)`` removes n; a positive value is the length to keep."""
+        n = -tokens_to_remove if tokens_to_remove <= 0 else max(0, self.step.seen - tokens_to_remove)
+        if n == 0:
+            return
+        if n > self.step.shortest:
+            raise ValueError(f"cannot crop {n} tokens from a cache whose shortest row holds {self.step.shortest}.")
+        for layer in self.layers:
+            if layer.streaming.heads:
+                layer.streaming.crop(self.lengths_on(layer.streaming.ring_k.device), n, self.step.longest)
+        self.advance_lengths(-n)
+        for layer in self.layers:
+            if layer.pool.heads:
+                layer.pool.crop(self.lengths_on(layer.pool.pool_k.device), self.step.shortest - n,
+                                self.step.longest)
+        self.step.crop(n)
+
+    def reset(self):
+        super().reset()
+        self.__init__(plans=[layer.plan for layer in self.layers], max_length=self.max_length,
+                      patch_token=self.patch_token)
+
+    def _apply(self, fn, reallocates: bool) -> None:
+        for layer in self.layers:
+            layer.apply(fn)
+            layer.epoch += reallocates
+        self._lengths = {k: fn(t) for k, t in self._lengths.items()}
+        if self.kv_start is not None:
+            self.kv_start = fn(self.kv_start)
+
+    def reorder_cache(self, beam_idx):
+        # in place, so that the stores keep their addresses (captured decode graphs read them)
+        self._apply(lambda t: t.copy_(t.index_select(0, beam_idx.to(t.device))), reallocates=False)
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0), reallocates=True)
+
+    def batch_select_indices(self, indices):
+        self._apply(lambda t: t[indices.to(t.device)], reallocates=True)
+        if self.lengths is not None and self.lengths.numel():
+            lo, hi = torch.stack([self.lengths.min(), self.lengths.max()]).tolist()
+            self.step.select_rows(lo, hi)
+
+    # -- forwards (driven by the patched decoder, lserve_hf.decoder) ----------------------------
+    def begin_prompt(self, mask, batch: int, total: int, device) -> None:
+        """A prompt of ``total`` positions per row is about to be stored; ``mask`` (a
+        ``masks.PromptMask``) holds each row's left padding, the only padding LServe stores."""
+        kv_start = mask.kv_start if mask.kv_start is not None and not mask.general else \
+            torch.zeros(batch, dtype=torch.long, device=device)
+        kv_start = kv_start.to(device)
+        lo, hi = torch.stack([kv_start.min(), kv_start.max()]).tolist() if batch else (0, 0)
+        if hi >= total:
+            raise ValueError("A row of the batch holds no real token (its attention_mask is all zeros).")
+        self.kv_start, self.padded = kv_start, hi > 0
+        self._lengths = {str(device): (total - kv_start).long()}
+        self.prompt_rows = (total - hi, total - lo)
+        if self.max_length:
+            cap = min(self.max_length, total + RESERVE_NEW_TOKENS)
+            for layer in self.layers:
+                layer.capacity = round_up(cap, self.config.page_size)
+
+    def advance_lengths(self, n: int) -> None:
+        """Device side of a forward that appends ``n`` tokens per row (captured with a decode step)."""
+        for t in self._lengths.values():
+            t.add_(n)
+
+    def finish_prompt(self) -> None:
+        """After a chunked prefill's last chunk."""
+        for layer in self.layers:
+            layer.finish_prompt(self)
 
     def kv_bytes(self) -> int:
         """Bytes held by the KV stores of all layers (page pools by capacity, summaries included)."""

@@ -79,7 +79,8 @@ def main(argv=None) -> int:
 def calibrate(args) -> int:
     import time
 
-    from .calibration import probe_heads, save_pattern, train_gates
+    from .calibration import probe_heads, train_gates
+    from .heads import save_pattern
     from .embedded import load_embedded_model
 
     if args.model:
@@ -128,10 +129,9 @@ def calibrate(args) -> int:
 def _serving_refine(args, model, tok):
     """``--method refine``: serving refine of ``--pattern`` (or the shipped one) under the config
     the flags describe; returns the new scores and what to record in the pattern's config.json."""
-    from .calibration import load_pattern
     from .calibration.probe import passkey_probe_prompts
     from .calibration.serving_refine import serving_refine
-    from .calibration.shipped import find_shipped_pattern
+    from .heads import find_shipped_pattern, load_pattern
     from .config import LServeConfig
 
     source = args.pattern or find_shipped_pattern(model.config)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import numbers
 from dataclasses import dataclass, field
+
+logger = logging.getLogger("lserve_hf")
+
+# Published defaults (LServe, arXiv 2502.14866): they assume contexts of 128K tokens and more.
+PUBLISHED = dict(prefill_local=8192, token_budget=4096)
 
 
 @dataclass
 class LServeConfig:
-    """Configuration of LServe unified sparse attention (arXiv 2502.14866).
+    """Configuration of LServe unified sparse attention (arXiv 2502.14866). Immutable: use
+    ``dataclasses.replace(config, field=value)`` for a variant, then ``patch_model`` again.
 
     Static sparsity (streaming heads, from DuoAttention):
         streaming_sparsity: fraction of all KV heads of the model that become streaming heads
@@ -15,7 +24,10 @@ class LServeConfig:
             get uneven counts by design. 0 keeps every head a retrieval head (no pattern needed);
             1 makes every head stream.
         prefill_sink / prefill_local: attention sinks and local window (tokens, the current one
-            included) of streaming heads during prefill. Published: 128 / 8192.
+            included) of streaming heads during prefill. Published: 128 / 8192. ``prefill_local``
+            None (default): the published 8192, scaled down for models with a short context (an
+            eighth of ``max_position_embeddings``, at least 256), so that a model's own prompts
+            run sparse; ``patch_model`` logs the value it chose.
         decode_sink / decode_local: the same during decoding. They size the streaming heads'
             constant KV cache (sink buffer + ring buffer). Published: 128 / 256.
 
@@ -23,8 +35,10 @@ class LServeConfig:
         page_size: physical KV page in tokens (default 64); the unit of selection and reading.
         logical_page_size: tokens per key min/max summary (default 16). Smaller logical pages give
             tighter upper bounds; ``page_size`` must be a multiple of it ("hierarchical paging").
-        token_budget: tokens a retrieval head reads per decode step (default 4096). A context within
-            the budget is attended densely. Must be a multiple of ``page_size``.
+        token_budget: tokens a retrieval head reads per decode step. A context within the budget
+            is attended densely. A multiple of ``page_size``. None (default): the published 4096,
+            scaled down for short-context models (a sixteenth of ``max_position_embeddings``, at
+            least 4 pages); ``patch_model`` logs the value it chose.
         selector_interval: decode steps a page selection is reused for (default 4); the newest
             page is attended at every step regardless.
         dense_layers: layer indices kept fully dense (no streaming heads, no page selection).
@@ -44,12 +58,12 @@ class LServeConfig:
 
     streaming_sparsity: float = 0.5
     prefill_sink: int = 128
-    prefill_local: int = 8192
+    prefill_local: int | None = None
     decode_sink: int = 128
     decode_local: int = 256
     page_size: int = 64
     logical_page_size: int = 16
-    token_budget: int = 4096
+    token_budget: int | None = None
     selector_interval: int = 4
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     backend: str = "auto"
@@ -57,38 +71,54 @@ class LServeConfig:
     prefill_chunk_size: int | None = 16384
     cuda_graphs: bool = True
 
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_validated"):
+            raise dataclasses.FrozenInstanceError(
+                f"LServeConfig is immutable (cannot set {name}): use dataclasses.replace(config, "
+                f"{name}=...) and patch the model again with the new config.")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        raise dataclasses.FrozenInstanceError(f"LServeConfig is immutable (cannot delete {name}).")
+
     def __post_init__(self):
-        self.dense_layers = tuple(int(i) for i in self.dense_layers)
-        if not 0.0 <= float(self.streaming_sparsity) <= 1.0:
+        set_ = object.__setattr__
+        set_(self, "streaming_sparsity", _number("streaming_sparsity", self.streaming_sparsity))
+        if not 0.0 <= self.streaming_sparsity <= 1.0:
             raise ValueError(
                 f"streaming_sparsity={self.streaming_sparsity} is outside [0, 1]: it is the fraction of "
-                "KV heads that stream; use e.g. 0.5 (half the heads) or 0 (no streaming heads)."
-            )
-        for name in ("prefill_sink", "decode_sink"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (number of attention-sink tokens).")
-        for name in ("prefill_local", "decode_local", "page_size", "logical_page_size",
-                     "selector_interval", "prefill_query_block"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+                "KV heads that stream; use e.g. 0.5 (half the heads) or 0 (no streaming heads).")
+        for name, low in (("prefill_sink", 0), ("decode_sink", 0), ("prefill_local", 1),
+                          ("decode_local", 1), ("page_size", 1), ("logical_page_size", 1),
+                          ("selector_interval", 1), ("prefill_query_block", 1),
+                          ("token_budget", 1), ("prefill_chunk_size", 1)):
+            value = getattr(self, name)
+            if value is None and name in ("prefill_local", "token_budget", "prefill_chunk_size"):
+                continue
+            set_(self, name, _integer(name, value, low))
         if self.page_size % self.logical_page_size:
             raise ValueError(
                 f"page_size={self.page_size} is not a multiple of logical_page_size={self.logical_page_size}: "
-                f"choose e.g. page_size={self.logical_page_size * max(1, round(self.page_size / self.logical_page_size))}."
-            )
-        if self.token_budget < self.page_size or self.token_budget % self.page_size:
+                f"choose e.g. page_size={self.logical_page_size * max(1, round(self.page_size / self.logical_page_size))}.")
+        if self.token_budget is not None and (self.token_budget < self.page_size
+                                              or self.token_budget % self.page_size):
             fixed = max(1, round(self.token_budget / self.page_size)) * self.page_size
             raise ValueError(
                 f"token_budget={self.token_budget} is not a positive multiple of page_size={self.page_size}: "
-                f"use token_budget={fixed}."
-            )
-        if self.prefill_chunk_size is not None and self.prefill_chunk_size < 1:
-            raise ValueError(f"prefill_chunk_size={self.prefill_chunk_size} must be a positive number of "
-                             "tokens, or None to prefill in one pass.")
-        if any(i < 0 for i in self.dense_layers):
-            raise ValueError(f"dense_layers={self.dense_layers} holds a negative layer index.")
-        if self.backend not in ("auto", "triton", "torch"):
+                f"use token_budget={fixed}.")
+        if isinstance(self.dense_layers, (str, bytes)) or not _iterable(self.dense_layers):
+            raise TypeError(f"dense_layers={self.dense_layers!r} must be a tuple of layer indices, "
+                            "e.g. dense_layers=(0, 1).")
+        layers = tuple(_integer("dense_layers", i, 0) for i in self.dense_layers)
+        set_(self, "dense_layers", layers)
+        if not isinstance(self.backend, str) or self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend={self.backend!r} is not one of 'auto', 'triton', 'torch'.")
+        if not isinstance(self.cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs={self.cuda_graphs!r} must be True or False.")
+        set_(self, "_validated", True)
+
+    def __hash__(self):
+        return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
 
     @property
     def logical_per_page(self) -> int:
@@ -98,4 +128,51 @@ class LServeConfig:
     def pages_per_selection(self) -> int:
         """Physical pages a retrieval query head reads when the context exceeds the budget
         (the spec's k + 1: at least 3, the last page included)."""
-        return max(3, self.token_budget // self.page_size)
+        return max(3, self._budget() // self.page_size)
+
+    def _budget(self) -> int:
+        if self.token_budget is None:
+            raise ValueError("token_budget is not resolved yet: patch_model resolves it for the model "
+                             "(or call config.resolved(max_context)).")
+        return self.token_budget
+
+    def resolved(self, max_context: int | None) -> LServeConfig:
+        """This config with the fields left to None filled for a model whose context is
+        ``max_context`` tokens (None: unknown, the published values)."""
+        auto = {}
+        if self.prefill_local is None:
+            auto["prefill_local"] = PUBLISHED["prefill_local"] if not max_context else \
+                max(256, min(PUBLISHED["prefill_local"], max_context // 8))
+        if self.token_budget is None:
+            budget = PUBLISHED["token_budget"] if not max_context else \
+                min(PUBLISHED["token_budget"], max_context // 16)
+            auto["token_budget"] = max(4, budget // self.page_size) * self.page_size
+        return dataclasses.replace(self, **auto) if auto else self
+
+    def unresolved_fields(self) -> tuple[str, ...]:
+        return tuple(n for n in ("prefill_local", "token_budget") if getattr(self, n) is None)
+
+
+def _iterable(x) -> bool:
+    try:
+        iter(x)
+    except TypeError:
+        return False
+    return True
+
+
+def _integer(name: str, value, low: int) -> int:
+    """``value`` as an int >= ``low``; floats, strings and bools are refused by name."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r} must be an integer (got {type(value).__name__}).")
+    value = int(value)
+    if value < low:
+        what = "an integer >= 0" if low == 0 else "a positive integer"
+        raise ValueError(f"{name}={value} must be {what}.")
+    return value
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}={value!r} must be a number (got {type(value).__name__}).")
+    return float(value)

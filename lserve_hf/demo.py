@@ -7,7 +7,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .calibration.shipped import find_shipped_pattern
+from .heads import find_shipped_pattern
 from .config import LServeConfig
 from .embedded import load_embedded_model
 from .passkey import answer_matches, passkey_prompt

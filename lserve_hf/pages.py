@@ -1,47 +1,107 @@
-"""Pages of the retrieval heads' KV pool: physical pages (the unit read at decode) split into
-logical pages, each summarised by per-channel key max and min ("hierarchical paging").
-
-Thin dispatch between the torch reference and the Triton kernels."""
+"""Pages of the retrieval heads' KV: a page pool that grows by whole physical pages (the unit read
+at decode), each split into logical pages summarised by per-channel key max and min
+("hierarchical paging")."""
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
-from .backend import use_triton
-from .config import LServeConfig
+from . import ops
 
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def build_summaries(pool_k: torch.Tensor, lengths: torch.Tensor, cfg: LServeConfig):
-    if use_triton(cfg.backend, pool_k):
-        from .kernels import build_page_summaries
+class PagePool:
+    """The retrieval heads' KV of one layer: ``pool_k``/``pool_v`` ``[B, Hr, capacity, D]``, token
+    t of a row at slot t, and the logical-page summaries ``kmax``/``kmin``
+    ``[B, Hr, capacity // logical_page_size, D]``. An empty logical page holds -inf / +inf, so
+    folding a key in is a plain max / min."""
 
-        return build_page_summaries(pool_k, lengths, cfg.logical_page_size)
-    return reference.page_summaries(pool_k, lengths, cfg.logical_page_size)
+    # Decode appends grow the pool geometrically (an eighth) up to this many tokens at a time, in
+    # whole pages: the concatenations amortise, and a long prompt is not charged a fraction of its
+    # own size in unused pages.
+    MAX_GROWTH = 1024
 
+    def __init__(self, config):
+        self.config = config
+        self.pool_k = self.pool_v = self.kmax = self.kmin = None
 
-def select(q, kmax, kmin, lengths, cfg: LServeConfig) -> torch.Tensor:
-    """Pages per retrieval query head, ``[B, Hr, G, pages_per_selection]`` (``reference.select_pages``)."""
-    if use_triton(cfg.backend, q):
-        from .kernels import select_pages
-    else:
-        select_pages = reference.select_pages
-    return select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, cfg.pages_per_selection)
+    @property
+    def capacity(self) -> int:
+        return 0 if self.pool_k is None else self.pool_k.shape[2]
 
+    @property
+    def heads(self) -> int:
+        return 0 if self.pool_k is None else self.pool_k.shape[1]
 
-def update_summaries(kmax, kmin, new_k, positions, cfg: LServeConfig) -> None:
-    """Fold new keys ``[B, Hr, S, D]`` at token positions ``[B, S]`` into the summaries in place.
-    Empty logical pages hold -inf/+inf, so a plain max/min starts a page correctly."""
-    B, Hr, S, D = new_k.shape
-    if S == 1 and use_triton(cfg.backend, new_k):
-        from .kernels import update_page_summaries
+    def allocate(self, like: torch.Tensor, heads: int, tokens: int) -> None:
+        """Empty pages for ``tokens`` tokens (rounded up to whole pages) of ``heads`` heads."""
+        B, _, _, D = like.shape
+        cap = round_up(max(tokens, 1), self.config.page_size)
+        self.pool_k = like.new_zeros(B, heads, cap, D)
+        self.pool_v = like.new_zeros(B, heads, cap, D)
 
-        update_page_summaries(kmax, kmin, new_k[:, :, 0], positions[:, 0], cfg.logical_page_size)
-        return
-    idx = (positions // cfg.logical_page_size).view(B, 1, S, 1).expand(B, Hr, S, D)
-    kmax.scatter_reduce_(2, idx, new_k.to(kmax.dtype), reduce="amax")
-    kmin.scatter_reduce_(2, idx, new_k.to(kmin.dtype), reduce="amin")
+    def write(self, k: torch.Tensor, v: torch.Tensor, a: int, b: int) -> None:
+        """Prompt tokens at slots [a, b), rows as given (left padding still in place)."""
+        self.pool_k[:, :, a:b], self.pool_v[:, :, a:b] = k, v
+
+    def shift_rows(self, idx: torch.Tensor, n: int) -> None:
+        """Compact rows past their left padding: slot j of row b takes slot ``idx[b, j]``."""
+        B, Hr, _, D = self.pool_k.shape
+        gather = idx.view(B, 1, n, 1).expand(B, Hr, n, D)
+        self.pool_k[:, :, :n] = torch.gather(self.pool_k[:, :, :n], 2, gather)
+        self.pool_v[:, :, :n] = torch.gather(self.pool_v[:, :, :n], 2, gather)
+
+    def summarize(self, lengths: torch.Tensor) -> None:
+        self.kmax, self.kmin = ops.page_summaries(self.pool_k, lengths, self.config)
+
+    def grow(self, needed: int, min_step: int = 0) -> bool:
+        """Make room for ``needed`` tokens: grow by whole pages (at least ``min_step`` tokens) and
+        extend the summaries with empty logical pages. Returns whether the stores moved."""
+        cap = self.capacity
+        if needed <= cap or self.pool_k is None:
+            return False
+        cfg = self.config
+        step = max(min_step, min(cap // 8, self.MAX_GROWTH))
+        extra = round_up(max(needed, cap + step), cfg.page_size) - cap
+        B, Hr, _, D = self.pool_k.shape
+        self.pool_k = torch.cat([self.pool_k, self.pool_k.new_zeros(B, Hr, extra, D)], dim=2)
+        self.pool_v = torch.cat([self.pool_v, self.pool_v.new_zeros(B, Hr, extra, D)], dim=2)
+        nl = extra // cfg.logical_page_size
+        self.kmax = torch.cat([self.kmax, self.kmax.new_full((B, Hr, nl, D), float("-inf"))], dim=2)
+        self.kmin = torch.cat([self.kmin, self.kmin.new_full((B, Hr, nl, D), float("inf"))], dim=2)
+        return True
+
+    def append(self, kr: torch.Tensor, vr: torch.Tensor, pos: torch.Tensor) -> None:
+        """Write S new tokens per row at token positions ``pos`` ``[B, S]`` and fold their keys
+        into the summaries (the pool must already hold them: :meth:`grow`)."""
+        B, Hr, S, D = kr.shape
+        idx = pos.view(B, 1, S, 1).expand(B, Hr, S, D)
+        self.pool_k.scatter_(2, idx, kr)
+        self.pool_v.scatter_(2, idx, vr)
+        ops.update_summaries(self.kmax, self.kmin, kr, pos, self.config)
+
+    def crop(self, lengths: torch.Tensor, shortest: int, longest: int) -> None:
+        """Forget tokens past ``lengths`` (each row's length after a crop; ``shortest`` its host
+        minimum, ``longest`` the host maximum before the crop). Their slots stay as they are
+        (nothing past a row's length is read); the logical pages they touched are summarised
+        again from the tokens that remain."""
+        if not self.heads or longest <= shortest:
+            return
+        lp = self.config.logical_page_size
+        a, b = (shortest // lp) * lp, round_up(longest, lp)
+        kmax, kmin = ops.page_summaries(self.pool_k[:, :, a:b], (lengths - a).clamp(min=0), self.config)
+        self.kmax[:, :, a // lp:b // lp], self.kmin[:, :, a // lp:b // lp] = kmax, kmin
+
+    def tensors(self) -> dict:
+        return {n: getattr(self, n) for n in ("pool_k", "pool_v", "kmax", "kmin")}
+
+    def apply(self, fn) -> None:
+        for name, t in self.tensors().items():
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values() if t is not None)

@@ -1,27 +1,26 @@
 """``patch_model`` / ``unpatch_model``: switch a Transformers causal LM to LServe attention through
-the public seams only (``AttentionInterface``, ``AttentionMaskInterface``, ``Cache`` and module
-forward pre-hooks), so the model's own code is never forked."""
+the public seams only (``AttentionInterface``, ``AttentionMaskInterface``, ``Cache``, a forward
+pre-hook per attention module, and a subclass of the decoder's and the LM's own classes), so the
+model's code is never forked."""
 
 from __future__ import annotations
 
-import inspect
+import copy
 import os
+import threading
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache
 from transformers.masking_utils import AttentionMaskInterface
 
-from lserve_hf.calibration import streaming_mask
-from lserve_hf.calibration.patterns import load_pattern, validate_scores
-from lserve_hf.calibration.shipped import find_shipped_pattern
-
-from . import decoder
-from .backend import set_attention_implementation
 from .attention import ATTN_NAME, lserve_attention_forward, lserve_mask
-from .cache import LayerPlan, LServeCache
-from .config import LServeConfig
+from .cache import LServeCache
+from .config import LServeConfig, logger
+from .decoder import LServeCausalLMMixin, LServeDecoderMixin, patched_class
+from .heads import LayerPlan, layer_plans, model_streaming_heads
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -31,11 +30,30 @@ AttentionMaskInterface.register(ATTN_NAME, lserve_mask)
 
 @dataclass
 class PatchState:
+    """What one ``patch_model`` call set up; ``token`` tells its caches from an earlier patch's."""
+
     config: LServeConfig
     plans: list[LayerPlan]
     streaming: torch.Tensor               # bool [num_layers, num_kv_heads]
     previous_attn: str | None
-    handles: list = field(default_factory=list)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    active: int = 0                       # forwards running now (patching under them is refused)
+
+    @contextmanager
+    def running(self):
+        with _LOCK:
+            self.active += 1
+        try:
+            yield
+        finally:
+            with _LOCK:
+                self.active -= 1
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "active"} | {"active": 0}
+
+
+_LOCK = threading.Lock()
 
 
 def _decoder(model):
@@ -46,69 +64,50 @@ def _decoder(model):
     return base
 
 
-def resolve_streaming(model, config: LServeConfig, head_pattern) -> torch.Tensor:
-    """Bool ``[num_layers, num_kv_heads]``: the streaming heads for this model and config."""
-    mcfg = model.config
-    shape = (mcfg.num_hidden_layers, mcfg.num_key_value_heads)
-    if head_pattern is None:
-        if config.streaming_sparsity in (0.0, 1.0):
-            # every head has the same kind: the scores cannot matter
-            scores = torch.full(shape, 1.0 - config.streaming_sparsity)
-        else:
-            path = find_shipped_pattern(mcfg)
-            if path is None:
-                raise ValueError(
-                    f"No head pattern is known for this model ({mcfg.model_type}, {shape[0]} layers x "
-                    f"{shape[1]} KV heads). Pass head_pattern= a DuoAttention 'full_attention_heads.tsv' "
-                    "(or a [num_layers, num_kv_heads] array of scores in [0, 1]), compute one with "
-                    "`lserve-hf calibrate`, or use LServeConfig(streaming_sparsity=0) for page selection only.")
-            scores = load_pattern(path)
-    elif isinstance(head_pattern, (str, os.PathLike)):
-        scores = load_pattern(head_pattern)
-    else:
-        scores = validate_scores(head_pattern)
-    if tuple(scores.shape) != shape:
-        raise ValueError(
-            f"The head pattern has shape {tuple(scores.shape)} but the model has {shape[0]} layers x "
-            f"{shape[1]} KV heads: use the pattern computed for this model (`lserve-hf calibrate`).")
-    streaming = streaming_mask(scores, config.streaming_sparsity)
-    for i in config.dense_layers:
-        if i >= shape[0]:
-            raise ValueError(f"dense_layers holds {i} but the model has {shape[0]} layers.")
-        streaming[i] = False
-    return streaming
-
-
 def patch_model(model, config: LServeConfig | None = None, head_pattern=None):
     """Patch ``model`` in place so that forward passes and ``generate()`` run LServe attention.
 
     Args:
         model: a Llama, Mistral or Qwen2 causal LM from Transformers.
-        config: an ``LServeConfig`` (defaults: 50% streaming heads, budget 4096).
+        config: an ``LServeConfig`` (defaults: 50% streaming heads; the budget and prefill window
+            the published values, scaled down for short-context models and logged).
         head_pattern: path to a DuoAttention ``full_attention_heads.tsv`` (or its folder), or a
             ``[num_layers, num_kv_heads]`` tensor/array of scores in [0, 1]. Optional when the
             model has a shipped pattern or ``streaming_sparsity`` is 0 or 1.
-    Returns the same model.
+    Returns the same model. Patching a patched model replaces its patch; if the new patch cannot
+    be made, the model keeps the old one.
     """
-    config = config or LServeConfig()
+    if config is None:
+        config = LServeConfig()
+    elif isinstance(config, (str, os.PathLike)):
+        raise TypeError(f"patch_model's second argument is the LServeConfig; for a head pattern file pass "
+                        f"head_pattern={str(config)!r}.")
+    elif not isinstance(config, LServeConfig):
+        raise TypeError(f"config must be an LServeConfig, not {type(config).__name__}.")
     mtype = getattr(model.config, "model_type", None)
     if mtype not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"LServe does not support model type {mtype!r}; supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
-    if getattr(model, "_lserve", None) is not None:
-        unpatch_model(model)
     base = _decoder(model)
-    streaming = resolve_streaming(model, config, head_pattern)
-    dense = set(config.dense_layers)
-    plans = [LayerPlan(i, streaming[i].clone(), i in dense) for i in range(streaming.shape[0])]
-    state = PatchState(config, plans, streaming, model.config._attn_implementation)
+    old = getattr(model, "_lserve", None)
+    if old is not None and old.active:
+        raise RuntimeError("patch_model: this model is running a forward (in another thread?); patch it "
+                           "before or after generating, not during.")
+    # Everything that can fail is resolved before the model is touched.
+    config = _resolved(config, model.config)
+    streaming = model_streaming_heads(model.config, config.streaming_sparsity, config.dense_layers, head_pattern)
+    plans = layer_plans(streaming, config)
+    if old is not None:
+        unpatch_model(model)
+    previous = model.config._attn_implementation
+    state = PatchState(config, plans, streaming, "sdpa" if previous == ATTN_NAME else previous)
+    _own_config(model)
     for layer in base.layers:
         attn = layer.self_attn
-        attn.lserve_plan, attn.lserve_config = plans[attn.layer_idx], config
-        state.handles.append(attn.register_forward_pre_hook(_inject_layer, with_kwargs=True))
-    state.handles.append(base.register_forward_pre_hook(_ensure_cache, with_kwargs=True))
-    decoder.install(base)
-    _size_generate_cache(model, state)
+        attn.lserve_plan = plans[attn.layer_idx]
+        attn.register_forward_pre_hook(_inject_cache, with_kwargs=True)
+    base.__class__ = patched_class(type(base), LServeDecoderMixin)
+    model.__class__ = patched_class(type(model), LServeCausalLMMixin)
     model._lserve = base._lserve = state
     set_attention_implementation(model, ATTN_NAME)
     return model
@@ -119,73 +118,62 @@ def unpatch_model(model):
     state = getattr(model, "_lserve", None)
     if state is None:
         return model
-    for h in state.handles:
-        h.remove()
+    if state.active:
+        raise RuntimeError("unpatch_model: this model is running a forward (in another thread?).")
     base = _decoder(model)
-    decoder.uninstall(base)
-    if "_prepare_cache_for_generation" in model.__dict__:
-        del model._prepare_cache_for_generation
     for layer in base.layers:
-        for name in ("lserve_plan", "lserve_config"):
-            if hasattr(layer.self_attn, name):
-                delattr(layer.self_attn, name)
+        attn = layer.self_attn
+        for key in [k for k, fn in attn._forward_pre_hooks.items() if fn is _inject_cache]:
+            attn._forward_pre_hooks.pop(key)
+            attn._forward_pre_hooks_with_kwargs.pop(key, None)
+        if hasattr(attn, "lserve_plan"):
+            del attn.lserve_plan
+    for module in (base, model):
+        if hasattr(type(module), "_lserve_base"):
+            module.__class__ = type(module)._lserve_base
+        if "_lserve" in module.__dict__:
+            del module._lserve
     set_attention_implementation(model, state.previous_attn)
-    del model._lserve
-    if hasattr(base, "_lserve"):
-        del base._lserve
     return model
 
 
-def _size_generate_cache(model, state) -> None:
-    """Let ``generate()`` start with an ``LServeCache`` whose page pools hold the whole generation
-    (prompt + ``max_new_tokens``), so decoding never reallocates them. ``generate()`` tells its
-    cache's size to ``_prepare_cache_for_generation``; where that hook is absent or has another
-    shape, the cache is created at the first forward instead and grows as it goes."""
-    original = getattr(model, "_prepare_cache_for_generation", None)
-    if original is None:
-        return
+def _resolved(config: LServeConfig, model_config) -> LServeConfig:
+    """The config with the fields left to None filled for this model, said once in the log."""
+    unset = config.unresolved_fields()
+    context = getattr(model_config, "max_position_embeddings", None)
+    config = config.resolved(context)
+    if unset:
+        chosen = ", ".join(f"{n}={getattr(config, n)}" for n in unset)
+        logger.info(f"LServe: for a model of {context or 'unknown'} tokens of context: {chosen} "
+                    "(set them in LServeConfig to choose).")
+    return config
+
+
+def _own_config(model) -> None:
+    """Give the model a config object of its own, so that switching its attention to "lserve"
+    never writes into a config the user (or another model) holds."""
+    original = model.config
+    mine = copy.deepcopy(original)
+    for module in model.modules():
+        if getattr(module, "config", None) is original:
+            module.config = mine
+
+
+def set_attention_implementation(model, name) -> None:
+    """Switch ``model`` (and its sub-models) to the attention implementation ``name``; models that
+    refuse ``set_attn_implementation`` get their configs set directly."""
     try:
-        signature = inspect.signature(original)
-    except (TypeError, ValueError):
-        return
-    if not {"model_kwargs", "max_cache_length"} <= set(signature.parameters):
-        return
-
-    def prepare(*args, **kwargs):
-        result = original(*args, **kwargs)
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        model_kwargs, length = bound.get("model_kwargs"), bound.get("max_cache_length")
-        pkv = model_kwargs.get("past_key_values") if isinstance(model_kwargs, dict) else None
-        if isinstance(pkv, Cache) and not isinstance(pkv, LServeCache) and pkv.get_seq_length() == 0 \
-                and not getattr(pkv, "_is_user_defined", False) and isinstance(length, int):
-            model_kwargs["past_key_values"] = LServeCache(plans=state.plans, config=state.config,
-                                                          max_length=length + 1)
-        return result
-
-    model._prepare_cache_for_generation = prepare
+        model.set_attn_implementation(name)
+    except (ValueError, AttributeError):
+        for m in model.modules():
+            cfg = getattr(m, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = name
 
 
-def _ensure_cache(module, args, kwargs):
-    """Give every cached forward of a patched model an LServeCache: replaces a missing cache, or
-    the empty DynamicCache that ``generate()`` creates; a user's non-empty cache is kept."""
-    state = module._lserve
+def _inject_cache(module, args, kwargs):
+    """An attention module's forward pre-hook: hand the LServeCache (if the forward has one) to
+    the attention function, which the model calls without its cache."""
     pkv = kwargs.get("past_key_values")
-    use_cache = kwargs.get("use_cache")
-    if use_cache is None:
-        use_cache = getattr(module.config, "use_cache", True) and not module.training
-    if not isinstance(pkv, LServeCache):
-        empty = pkv is None or (isinstance(pkv, Cache) and pkv.get_seq_length() == 0)
-        if use_cache and empty:
-            pkv = LServeCache(plans=state.plans, config=state.config)
-            kwargs["past_key_values"] = pkv
-    if isinstance(pkv, LServeCache):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        x = ids if ids is not None else kwargs.get("inputs_embeds")
-        pkv.begin_forward(kwargs.get("attention_mask"), x.shape[0], x.shape[1], x.device)
-    return args, kwargs
-
-
-def _inject_layer(module, args, kwargs):
-    pkv = kwargs.get("past_key_values")
-    kwargs["lserve_layer"] = pkv.layers[module.layer_idx] if isinstance(pkv, LServeCache) else None
+    kwargs["lserve_cache"] = pkv if isinstance(pkv, LServeCache) else None
     return args, kwargs

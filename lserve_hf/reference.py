@@ -1,13 +1,15 @@
-"""Torch reference of LServe attention: the semantics every kernel is checked against.
+"""Torch reference of LServe attention: one implementation of each operation, the semantics every
+Triton kernel is checked against, and the path that runs wherever the kernels do not (CPU).
 
-Simple on purpose: dense masked math, float32 accumulation (float64 stays float64). GQA never
-materialises repeated KV: query heads are viewed as ``[B, Hkv, G, ...]`` and broadcast against
-their KV head.
+Each function reads only what its operation needs: a streaming head's prefill attends to the
+slice of keys its sink and local band can reach, a decode step gathers only the selected pages.
+Accumulation is float32 (float64 stays float64). GQA never materialises repeated KV.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .streaming import streaming_decode_slots
 
@@ -24,51 +26,91 @@ def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.any(-1, keepdim=True), probs, 0.0)
 
 
-def prefill_mask(q_len: int, kv_len: int, streaming: torch.Tensor, sink: int, local: int,
-                 q_offset: int = 0, kv_start: torch.Tensor | None = None,
-                 sliding_window: int | None = None, device=None) -> torch.Tensor:
-    """Bool ``[B or 1, Hkv, q_len, kv_len]``: may query i (at position ``q_offset + i``) see key j.
+# -- prefill ------------------------------------------------------------------------------------
 
-    Causal everywhere; keys before ``kv_start[b]`` (left padding) are never seen; streaming heads
-    see only the first ``sink`` real keys and the ``local`` most recent ones (the query's own
-    position included); ``sliding_window`` (Mistral) bounds every head."""
-    device = device if device is not None else streaming.device
-    qpos = torch.arange(q_len, device=device).view(-1, 1) + q_offset
-    kpos = torch.arange(kv_len, device=device).view(1, -1)
-    start = (kv_start.to(device).view(-1, 1, 1, 1) if kv_start is not None
-             else torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device))
-    causal = (kpos <= qpos) & (kpos >= start)                       # [B|1, 1, q, kv]
+def prefill_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, streams: bool, sink: int, local: int,
+                 kv_start: torch.Tensor | None = None, sliding_window: int | None = None) -> torch.Tensor:
+    """Bool ``[B or 1, 1, len(q_pos), len(k_pos)]``: may a query at position ``q_pos[i]`` see the
+    key at position ``k_pos[j]``.
+
+    Causal; keys before ``kv_start[b]`` (left padding) are never seen; a streaming head sees only
+    the first ``sink`` real keys and the ``local`` most recent ones (the query's own position
+    included); ``sliding_window`` (Mistral) bounds every head."""
+    qp, kp = q_pos.view(-1, 1), k_pos.view(1, -1)
+    start = (kv_start.view(-1, 1, 1, 1) if kv_start is not None
+             else torch.zeros(1, 1, 1, 1, dtype=torch.long, device=q_pos.device))
+    ok = (kp <= qp) & (kp >= start)                                   # [B|1, 1, q, k]
     if sliding_window is not None:
-        causal = causal & (qpos - kpos < sliding_window)
-    window = ((kpos - start) < sink) | ((qpos - kpos) < local)       # [B|1, 1, q, kv]
-    stream = streaming.to(device).view(1, -1, 1, 1)
-    return causal & (~stream | window)
+        ok = ok & (qp - kp < sliding_window)
+    if streams:
+        ok = ok & (((kp - start) < sink) | ((qp - kp) < local))
+    return ok
+
+
+def _reachable_keys(q_lo: int, q_hi: int, n_keys: int, streams: bool, sink: int, local: int,
+                    start_max: int, sliding_window: int | None):
+    """Key positions some query in [q_lo, q_hi] may see: a slice (lo, hi) for a dense head, the
+    sink slice plus the local band for a streaming head (as a slice when they touch)."""
+    hi = min(n_keys, q_hi + 1)
+    lo = 0 if sliding_window is None else max(0, q_lo - sliding_window + 1)
+    if not streams:
+        return slice(lo, hi)
+    band_lo = max(lo, q_lo - local + 1)
+    sink_hi = min(hi, start_max + sink)
+    if sink_hi >= band_lo:
+        return slice(lo, hi)
+    return torch.cat([torch.arange(lo, max(lo, sink_hi)), torch.arange(band_lo, hi)])
 
 
 def prefill_attention(q, k, v, streaming, sink, local, q_offset=0, kv_start=None, scale=None,
                       sliding_window=None, query_block=1024) -> torch.Tensor:
-    """Block-sparse prefill semantics, computed densely.
+    """Block-sparse prefill attention.
 
-    q ``[B, Hq, Sq, D]``; k, v ``[B, Hkv, Skv, D]``; ``streaming`` bool ``[Hkv]``. Returns
-    ``[B, Hq, Sq, D]`` in q's dtype; a query that sees no key (padding) gets zeros."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Skv = k.shape[1], k.shape[2]
+    q ``[B, Hq, Sq, D]``; k, v ``[B, Hkv, Skv, D]``; ``streaming`` bool ``[Hkv]``; query i sits at
+    position ``q_offset + i``. Returns ``[B, Hq, Sq, D]`` in q's dtype; a query that sees no key
+    (padding) gets zeros. Dense heads with no padding, offset or window are one causal SDPA call;
+    otherwise queries go in blocks of ``query_block``, each against the keys it can reach."""
+    B, Hq, S, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
-    acc = _acc_dtype(q)
-    kf, vf = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)          # [B, Hkv, 1, Skv, D]
-    out = torch.empty(B, Hkv, G, Sq, D, dtype=acc, device=q.device)
-    qg = q.view(B, Hkv, G, Sq, D)
-    # Query blocks bound the score matrix; this loop is over prefill blocks, never on decode.
-    for s0 in range(0, Sq, query_block):
-        s1 = min(Sq, s0 + query_block)
-        mask = prefill_mask(s1 - s0, Skv, streaming, sink, local, q_offset + s0, kv_start,
-                            sliding_window, device=q.device).unsqueeze(2)   # [B|1, Hkv, 1, q, kv]
-        scores = torch.matmul(qg[:, :, :, s0:s1].to(acc), kf.transpose(-1, -2)) * scale
-        probs = _masked_softmax(scores, mask)
-        out[:, :, :, s0:s1] = torch.matmul(probs, vf)
-    return out.view(B, Hq, Sq, D).to(q.dtype)
+    out = torch.empty(B, Hkv, G, S, D, dtype=q.dtype, device=q.device)
+    qg = q.view(B, Hkv, G, S, D)
+    kinds = streaming.detach().to("cpu", torch.bool)
+    start_max = int(kv_start.max()) if kv_start is not None and kv_start.numel() else 0
+    if kv_start is not None:
+        kv_start = kv_start.to(q.device)
+    for streams in (False, True):
+        heads = (kinds == streams).nonzero().flatten().to(q.device)
+        if not heads.numel():
+            continue
+        qh = qg.index_select(1, heads).flatten(1, 2)
+        kh, vh = k.index_select(1, heads), v.index_select(1, heads)
+        if not streams and kv_start is None and sliding_window is None and q_offset == 0 and S == N:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+            out[:, heads] = o.view(B, heads.numel(), G, S, D)
+            continue
+        for s0 in range(0, S, query_block):
+            s1 = min(S, s0 + query_block)
+            keys = _reachable_keys(q_offset + s0, q_offset + s1 - 1, N, streams, sink, local, start_max,
+                                   sliding_window)
+            if isinstance(keys, slice):
+                k_pos = torch.arange(keys.start, keys.stop, device=q.device)
+                kb, vb = kh[:, :, keys], vh[:, :, keys]
+            else:
+                k_pos = keys.to(q.device)
+                kb, vb = kh.index_select(2, k_pos), vh.index_select(2, k_pos)
+            q_pos = torch.arange(q_offset + s0, q_offset + s1, device=q.device)
+            mask = prefill_mask(q_pos, k_pos, streams, sink, local, kv_start, sliding_window)
+            seen = mask.any(-1, keepdim=True)
+            o = F.scaled_dot_product_attention(qh[:, :, s0:s1], kb, vb, attn_mask=mask | ~seen,
+                                               scale=scale, enable_gqa=True)
+            o = torch.where(seen, o, 0.0)
+            out[:, heads, :, s0:s1] = o.view(B, heads.numel(), G, s1 - s0, D)
+    return out.view(B, Hq, S, D)
 
+
+# -- page summaries and selection ---------------------------------------------------------------
 
 def page_summaries(keys: torch.Tensor, lengths: torch.Tensor, logical_page_size: int):
     """Per-logical-page, per-channel key max and min over the stored tokens.
@@ -82,6 +124,27 @@ def page_summaries(keys: torch.Tensor, lengths: torch.Tensor, logical_page_size:
     kmax = torch.where(valid, keys, neg).view(B, H, T // logical_page_size, logical_page_size, D).amax(3)
     kmin = torch.where(valid, keys, -neg).view(B, H, T // logical_page_size, logical_page_size, D).amin(3)
     return kmax, kmin
+
+
+def update_page_summaries(kmax: torch.Tensor, kmin: torch.Tensor, new_keys: torch.Tensor,
+                          positions: torch.Tensor, logical_page_size: int) -> None:
+    """Fold new keys into the page summaries, in place.
+
+    kmax, kmin ``[B, H, NL, D]``; new_keys ``[B, H, S, D]`` (or ``[B, H, D]``), the tokens at
+    indices ``positions`` ``[B, S]`` (or ``[B]``); each joins logical page ``position //
+    logical_page_size`` by max / min. An empty page holds -inf / +inf, so no branch is needed. A
+    position outside the pages changes nothing."""
+    if new_keys.dim() == 3:
+        new_keys, positions = new_keys.unsqueeze(2), positions.view(-1, 1)
+    B, H, NL, D = kmax.shape
+    S = new_keys.shape[2]
+    page = positions.to(kmax.device).long() // logical_page_size                  # [B, S]
+    ok = ((positions.to(kmax.device) >= 0) & (page < NL)).view(B, 1, S, 1)
+    idx = page.clamp(0, max(NL - 1, 0)).view(B, 1, S, 1).expand(B, H, S, D)
+    new = new_keys.to(kmax.dtype)
+    inf = torch.tensor(float("inf"), dtype=kmax.dtype, device=kmax.device)
+    kmax.scatter_reduce_(2, idx, torch.where(ok, new, -inf), reduce="amax")
+    kmin.scatter_reduce_(2, idx, torch.where(ok, new, inf), reduce="amin")
 
 
 def page_scores(q: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, lengths: torch.Tensor,
@@ -122,6 +185,8 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select)
         order = torch.cat([order, pad], dim=-1)
     return order[..., :n_select]
 
+
+# -- decode -------------------------------------------------------------------------------------
 
 def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=None) -> torch.Tensor:
     """Attention of one query per head over selected pages only.
@@ -187,20 +252,3 @@ def positional_attention(q, k, v, q_pos, k_pos, sink=None, local=None, scale=Non
     probs = _masked_softmax(scores, mask.expand_as(scores))
     vals = torch.where((k_pos >= 0).view(B, 1, -1, 1), v.to(acc), 0.0).unsqueeze(2)
     return torch.matmul(probs, vals).to(q.dtype)
-
-
-def update_page_summaries(kmax: torch.Tensor, kmin: torch.Tensor, new_keys: torch.Tensor,
-                          positions: torch.Tensor, logical_page_size: int) -> None:
-    """Fold one new key per row into the page summaries, in place.
-
-    kmax, kmin ``[B, H, NL, D]``; new_keys ``[B, H, D]``, the token at index ``positions[b]`` of
-    row b; it joins logical page ``positions[b] // logical_page_size`` by max / min (an empty page
-    holds -inf / +inf, so no branch is needed). A position outside the pages changes nothing."""
-    B, H, NL, D = kmax.shape
-    page = positions.to(kmax.device).long() // logical_page_size                # [B]
-    ok = (positions.to(kmax.device) >= 0) & (page < NL)
-    rows = torch.arange(B, device=kmax.device)[ok]
-    page = page[ok]
-    new = new_keys[ok].to(kmax.dtype)                                             # [b, H, D]
-    kmax[rows, :, page] = torch.maximum(kmax[rows, :, page], new)
-    kmin[rows, :, page] = torch.minimum(kmin[rows, :, page], new)

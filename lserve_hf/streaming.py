@@ -42,3 +42,107 @@ def fill_sink_and_ring(keys: torch.Tensor, lengths: torch.Tensor, sink: int, loc
     tok = ring_tokens(lengths, local).clamp(min=0)                       # [B, local]
     ring_buf = torch.gather(keys, 2, tok.clamp(max=T - 1).view(B, 1, local, 1).expand(B, H, local, D))
     return sink_buf, ring_buf
+
+
+class StreamingStore:
+    """The streaming heads' KV of one layer: sink buffers ``[B, Hs, sink, D]`` and ring buffers
+    ``[B, Hs, local, D]`` for keys and values.
+
+    ``before_chunk`` holds the ring as it was before the current multi-token append (a chunk's
+    queries must not see the ring slots its own tokens overwrote). ``undo_k``/``undo_v`` (made by
+    :meth:`keep_undo`) keep the ring entries the newest appended tokens overwrote, so that
+    :meth:`crop` can give them back (assisted decoding rejects drafted tokens)."""
+
+    UNDO_TOKENS = 64   # rejected draft tokens a crop can roll back
+
+    def __init__(self, sink: int, local: int):
+        self.sink, self.local = sink, local
+        self.sink_k = self.sink_v = self.ring_k = self.ring_v = None
+        self.before_chunk = None
+        self.undo_k = self.undo_v = None
+        self.undo_from = 0     # tokens stored when the undo log started: crops may not go below
+
+    @property
+    def heads(self) -> int:
+        return 0 if self.ring_k is None else self.ring_k.shape[1]
+
+    def fill(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+             record_past: bool = False) -> None:
+        """From a prompt ``[B, Hs, T, D]`` whose rows start at slot 0, ``lengths[b]`` tokens each.
+        ``record_past``: also log what the prompt's newest tokens overwrote in the ring (the token
+        ``local`` places before each), so a crop right after the prompt can give it back."""
+        self.sink_k, self.ring_k = fill_sink_and_ring(keys, lengths, self.sink, self.local)
+        self.sink_v, self.ring_v = fill_sink_and_ring(values, lengths, self.sink, self.local)
+        self.undo_k = self.undo_v = None
+        if record_past:
+            B, Hs, T, D = keys.shape
+            U = self.UNDO_TOKENS
+            t = lengths.view(B, 1) - U + torch.arange(U, device=keys.device).view(1, U)   # [B, U]
+            src = (t - self.local).clamp(0, T - 1).view(B, 1, U, 1).expand(B, Hs, U, D)
+            slot = torch.remainder(t, U).view(B, 1, U, 1).expand(B, Hs, U, D)
+            self.undo_k = keys.new_zeros(B, Hs, U, D).scatter_(2, slot, torch.gather(keys, 2, src))
+            self.undo_v = values.new_zeros(B, Hs, U, D).scatter_(2, slot, torch.gather(values, 2, src))
+            self.undo_from = 0
+
+    def keep_undo(self, stored: int) -> bool:
+        """Start logging overwritten ring entries; ``stored``: tokens per row now (the host's
+        longest). Returns whether a log was made (stores that a captured graph lacks)."""
+        if self.undo_k is not None or not self.heads:
+            return False
+        B, Hs, _, D = self.ring_k.shape
+        self.undo_k = self.ring_k.new_zeros(B, Hs, self.UNDO_TOKENS, D)
+        self.undo_v = torch.zeros_like(self.undo_k)
+        self.undo_from = stored
+        return True
+
+    def append(self, ks: torch.Tensor, vs: torch.Tensor, pos: torch.Tensor, past_sink: bool) -> None:
+        """Write S new tokens per row at token positions ``pos`` ``[B, S]``. ``past_sink``: every
+        row already holds ``sink`` tokens (a host fact), so the sink buffer is not touched."""
+        B, Hs, S, D = ks.shape
+        self.before_chunk = (self.ring_k.clone(), self.ring_v.clone()) if S > 1 else None
+        if self.sink and not past_sink:
+            in_sink = (pos < self.sink).view(B, 1, S, 1)
+            slot = pos.clamp(max=self.sink - 1).view(B, 1, S, 1).expand(B, Hs, S, D)
+            # rows past the sink write a slot's own value back
+            self.sink_k.scatter_(2, slot, torch.where(in_sink, ks, self.sink_k.gather(2, slot)))
+            self.sink_v.scatter_(2, slot, torch.where(in_sink, vs, self.sink_v.gather(2, slot)))
+        n = min(S, self.local)   # only the newest `local` tokens can survive in the ring
+        slot = torch.remainder(pos[:, S - n:], self.local).view(B, 1, n, 1).expand(B, Hs, n, D)
+        if S > self.local:
+            # tokens of this chunk never reach the ring, so no crop could restore them
+            self.undo_k = self.undo_v = None
+        if self.undo_k is not None:
+            u = torch.remainder(pos[:, S - n:], self.UNDO_TOKENS).view(B, 1, n, 1).expand(B, Hs, n, D)
+            self.undo_k.scatter_(2, u, self.ring_k.gather(2, slot))
+            self.undo_v.scatter_(2, u, self.ring_v.gather(2, slot))
+        self.ring_k.scatter_(2, slot, ks[:, :, S - n:])
+        self.ring_v.scatter_(2, slot, vs[:, :, S - n:])
+
+    def crop(self, lengths: torch.Tensor, n: int, stored: int) -> None:
+        """Drop the newest ``n`` tokens of every row (``lengths`` before the crop, ``stored`` its
+        host maximum): ring slots they overwrote get their old tokens back from the undo log."""
+        if not self.heads or n == 0:
+            return
+        if self.undo_k is None or stored - n < max(self.undo_from, stored - self.UNDO_TOKENS):
+            raise ValueError(
+                f"A streaming ring cannot give back {n} tokens: it keeps the {self.UNDO_TOKENS} newest "
+                "overwritten tokens, logged from the first multi-token forward of at most decode_local "
+                f"tokens on. Assisted decoding works with drafts of up to {self.UNDO_TOKENS} tokens.")
+        B, Hs, _, D = self.ring_k.shape
+        for i in range(n):        # newest first: a slot overwritten twice gets its oldest token back
+            t = (lengths - 1 - i).view(B, 1, 1, 1).expand(B, Hs, 1, D)
+            slot, u = torch.remainder(t, self.local), torch.remainder(t, self.UNDO_TOKENS)
+            self.ring_k.scatter_(2, slot, self.undo_k.gather(2, u))
+            self.ring_v.scatter_(2, slot, self.undo_v.gather(2, u))
+
+    def tensors(self) -> dict:
+        return {n: getattr(self, n) for n in ("sink_k", "sink_v", "ring_k", "ring_v", "undo_k", "undo_v")}
+
+    def apply(self, fn) -> None:
+        """Apply a batch operation (reorder, repeat, select rows) to every tensor."""
+        for name, t in self.tensors().items():
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values() if t is not None)

@@ -7,7 +7,6 @@ import torch
 from conftest import tiny_llama
 from lserve_hf import LServeCache, LServeConfig, patch_model
 from lserve_hf import reference
-from lserve_hf.cache import LServeLayer
 
 CFG = LServeConfig(streaming_sparsity=0.5, page_size=16, logical_page_size=4, token_budget=32,
                    prefill_sink=4, prefill_local=8, decode_sink=4, decode_local=8, selector_interval=2)
@@ -42,15 +41,15 @@ def test_stores_and_summaries_match_keys_after_page_crossing_appends():
     for layer, keys in zip(cache.layers, seen):
         keys = torch.cat(keys, dim=2)                        # [B, Hkv, 60, D]
         L = keys.shape[2]
-        assert layer.get_seq_length() == L and layer.lengths.tolist() == [L, L]
+        assert cache.get_seq_length() == L and cache.lengths.tolist() == [L, L]
         st, rt = layer.plan.stream_heads, layer.plan.retrieval_heads
-        assert torch.equal(layer.pool_k[:, :, :L], keys[:, rt])
-        kmax, kmin = reference.page_summaries(layer.pool_k, layer.lengths, CFG.logical_page_size)
-        assert torch.equal(layer.kmax, kmax) and torch.equal(layer.kmin, kmin)
-        assert torch.equal(layer.sink_k, keys[:, st, :CFG.decode_sink])
+        assert torch.equal(layer.pool.pool_k[:, :, :L], keys[:, rt])
+        kmax, kmin = reference.page_summaries(layer.pool.pool_k, cache.lengths, CFG.logical_page_size)
+        assert torch.equal(layer.pool.kmax, kmax) and torch.equal(layer.pool.kmin, kmin)
+        assert torch.equal(layer.streaming.sink_k, keys[:, st, :CFG.decode_sink])
         for slot in range(CFG.decode_local):
             t = L - 1 - ((L - 1 - slot) % CFG.decode_local)
-            assert torch.equal(layer.ring_k[:, :, slot], keys[:, st, t])
+            assert torch.equal(layer.streaming.ring_k[:, :, slot], keys[:, st, t])
 
 
 def test_streaming_memory_is_constant_and_retrieval_grows_by_pages():
@@ -63,13 +62,13 @@ def test_streaming_memory_is_constant_and_retrieval_grows_by_pages():
         for t in range(30, 230):
             model(ids[:, t:t + 1], past_key_values=cache)
             streaming_bytes.add(sum(x.numel() * x.element_size() for l in cache.layers
-                                    for x in (l.sink_k, l.sink_v, l.ring_k, l.ring_v)))
-            pool_bytes.append(sum(l.pool_k.shape[2] for l in cache.layers))
+                                    for x in (l.streaming.sink_k, l.streaming.sink_v, l.streaming.ring_k, l.streaming.ring_v)))
+            pool_bytes.append(sum(l.pool.capacity for l in cache.layers))
     assert len(streaming_bytes) == 1
     assert all(n % CFG.page_size == 0 for n in pool_bytes)
     assert pool_bytes[-1] >= 2 * 230 and len(set(pool_bytes)) < 20    # grew in page-sized steps
     layer = cache.layers[0]
-    assert layer.sink_k.shape[2] + layer.ring_k.shape[2] == CFG.decode_sink + CFG.decode_local
+    assert layer.streaming.sink_k.shape[2] + layer.streaming.ring_k.shape[2] == CFG.decode_sink + CFG.decode_local
     dense_bytes = 2 * 2 * 230 * 16 * 4 * 2          # layers x KV heads x tokens x D x fp32 x (K, V)
     assert cache.kv_bytes() == sum(l.kv_bytes() for l in cache.layers) < dense_bytes
 
@@ -82,15 +81,5 @@ def test_reorder_and_select_rows():
     before = copy.deepcopy(cache)
     cache.reorder_cache(torch.tensor([2, 0, 0]))
     for a, b in zip(cache.layers, before.layers):
-        assert torch.equal(a.pool_k[0], b.pool_k[2]) and torch.equal(a.ring_v[1], b.ring_v[0])
-        assert torch.equal(a.pages[0], b.pages[2])
-
-
-def test_crop_says_why_it_cannot():
-    layer = LServeLayer(None, CFG)
-    try:
-        layer.crop(-1)
-    except NotImplementedError as e:
-        assert "streaming" in str(e)
-    else:
-        raise AssertionError("crop must refuse")
+        assert torch.equal(a.pool.pool_k[0], b.pool.pool_k[2]) and torch.equal(a.streaming.ring_v[1], b.streaming.ring_v[0])
+        assert torch.equal(a.selector.pages[0], b.selector.pages[2])

@@ -3,7 +3,7 @@ import sys
 
 import torch
 
-from lserve_hf.calibration import load_pattern
+from lserve_hf.heads import load_pattern
 from lserve_hf.cli import main
 
 
@@ -28,7 +28,7 @@ def test_calibrate_probe_writes_a_pattern(embedded, tmp_path, monkeypatch):
 
 def test_calibrate_refine_reranks_the_shipped_pattern_near_the_threshold(embedded, tmp_path, monkeypatch):
     import lserve_hf.embedded
-    from lserve_hf.calibration.shipped import find_shipped_pattern
+    from lserve_hf.heads import find_shipped_pattern
 
     monkeypatch.setattr(lserve_hf.embedded, "load_embedded_model", lambda device=None: embedded)
     rc = main(["calibrate", "--method", "refine", "--output", str(tmp_path / "ref"), "--lengths", "600",

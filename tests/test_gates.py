@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from lserve_hf.calibration import gate_training_sample, load_pattern, train_gates
+from lserve_hf.calibration import gate_training_sample, train_gates
+from lserve_hf.heads import load_pattern
 from lserve_hf.calibration.gates import WORDS, gate_loss, lr_factor
 from lserve_hf.calibration.gating import gated
 

@@ -98,7 +98,7 @@ def test_graph_decode_steps_allocate_nothing():
         torch.cuda.synchronize()
         after = torch.cuda.memory_stats()
     assert set(cache.decode_graphs.graphs) == {"select", "reuse"}
-    assert cache.get_seq_length() == 740 and int(cache.layers[0].lengths[0]) == 740
+    assert cache.get_seq_length() == 740 and int(cache.lengths[0]) == 740
     for key in ("allocation.all.allocated", "segment.all.allocated"):
         assert after[key] == before[key], key
     assert torch.isfinite(out.last_hidden_state).all()

@@ -63,16 +63,24 @@ def test_sampling_and_return_sequences_run_sparse():
     assert out.sequences.shape == (4, 160)
     assert isinstance(out.past_key_values, LServeCache)
     layer = out.past_key_values.layers[0]
-    assert layer.pages.shape[0] == 4 and layer.lengths.tolist() == [159] * 4
+    assert layer.selector.pages.shape[0] == 4 and out.past_key_values.lengths.tolist() == [159] * 4
 
 
-def test_left_padding_rejects_right_padding():
-    model = patch_model(tiny_llama(), LServeConfig(streaming_sparsity=0))
+def test_right_padding_forward_is_dense_and_generation_refuses_it_clearly():
+    """A forward honours right padding (the dense logits); generation from such a cache needs
+    left padding and says so."""
+    model = tiny_llama()
     ids = torch.randint(1, 100, (2, 10))
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0
-    with pytest.raises(ValueError, match="padding_side='left'"):
-        model(ids, attention_mask=mask)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        patch_model(model, LServeConfig(streaming_sparsity=0))
+        got = model(ids, attention_mask=mask).logits
+        real = mask.bool()
+        assert torch.allclose(got[real], want[real], atol=1e-5)
+        with pytest.raises(ValueError, match="padding_side='left'"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
 
 
 def test_pipeline_batch_equals_single_prompts(embedded):

@@ -25,7 +25,7 @@ def test_pattern_shape_mismatch_and_missing_pattern():
 
 
 def test_pattern_from_tsv_path(tmp_path):
-    from lserve_hf.calibration import save_pattern
+    from lserve_hf.heads import save_pattern
 
     path = save_pattern(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), tmp_path)
     model = patch_model(tiny_llama(), LServeConfig(dense_layers=(1,)), head_pattern=path)

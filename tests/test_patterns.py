@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lserve_hf.calibration import load_pattern, save_pattern, streaming_mask
+from lserve_hf.heads import load_pattern, save_pattern, streaming_mask
 
 
 def test_tsv_round_trip_is_identical(tmp_path):

@@ -19,8 +19,8 @@ def _prefill(model, ids, mask, chunk):
     patch_model(model, dataclasses.replace(CFG, prefill_chunk_size=chunk), PATTERN)
     cache = LServeCache(model)
     announced = []
-    begin = cache.begin_chunks
-    cache.begin_chunks = lambda total: (announced.append(total), begin(total))
+    begin = cache.step.announce_prompt
+    cache.step.announce_prompt = lambda total: (announced.append(total), begin(total))
     with torch.no_grad():
         logits = model(ids, attention_mask=mask, past_key_values=cache).logits
     assert announced == ([ids.shape[1]] if chunk else [])      # the chunked path ran, or did not
@@ -37,11 +37,14 @@ def test_chunked_prefill_equals_one_pass_with_left_padding(chunk):
     got, cache = _prefill(model, ids, mask, chunk)
     real = mask.bool()
     assert torch.allclose(got[real], want[real], atol=1e-5), (got[real] - want[real]).abs().max()
+    assert cache.step.stored and ref.step.stored and cache.step.seen == ref.step.seen
+    assert torch.equal(cache.lengths, ref.lengths) and cache.step.longest == ref.step.longest
     for a, b in zip(cache.layers, ref.layers):
-        assert a.phase == b.phase == "prefill" and a.chunk_k is None
-        assert torch.equal(a.lengths, b.lengths) and a.max_length == b.max_length
-        for name in ("pool_k", "pool_v", "kmax", "kmin", "sink_k", "sink_v", "ring_k", "ring_v"):
-            assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-6), name
+        assert a.prompt_k is None and b.prompt_k is None
+        for store, name in [("pool", n) for n in ("pool_k", "pool_v", "kmax", "kmin")] + \
+                [("streaming", n) for n in ("sink_k", "sink_v", "ring_k", "ring_v")]:
+            x, y = getattr(getattr(a, store), name), getattr(getattr(b, store), name)
+            assert torch.allclose(x, y, atol=1e-6), name
     # and decoding goes on from the chunked cache as from the one-pass one
     step = torch.randint(1, 100, (2, 1), generator=torch.Generator().manual_seed(4))
     mask2 = torch.cat([mask, torch.ones_like(step)], 1)
@@ -77,14 +80,14 @@ def test_generate_sizes_the_pools_once_and_equals_a_growing_cache():
     assert torch.equal(sized.sequences, growing.sequences)
     assert torch.equal(torch.stack(sized.logits), torch.stack(growing.logits))
     for a, b in zip(sized.past_key_values.layers, growing.past_key_values.layers):
-        assert a.pool_k.shape[2] >= 40 + 45 and a.epoch == 1      # allocated once, at prefill
+        assert a.pool.pool_k.shape[2] >= 40 + 45 and a.epoch == 1      # allocated once, at prefill
         assert b.epoch > 1                                         # grew while decoding
-        L = int(a.lengths.max())
-        assert torch.equal(a.pool_k[:, :, :L], b.pool_k[:, :, :L])
-        assert torch.equal(a.kmax[:, :, :L // 4], b.kmax[:, :, :L // 4])
+        L = int(sized.past_key_values.lengths.max())
+        assert torch.equal(a.pool.pool_k[:, :, :L], b.pool.pool_k[:, :, :L])
+        assert torch.equal(a.pool.kmax[:, :, :L // 4], b.pool.kmax[:, :, :L // 4])
         before = b.epoch
         b.reset()
-        assert b.epoch > before and b.pool_k is None               # a reset never repeats an epoch
+        assert b.epoch > before and b.pool.pool_k is None        # a reset never repeats an epoch
 
 
 def test_chunked_prefill_equals_one_pass_on_the_embedded_model(embedded):

@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lserve_hf.calibration import load_pattern, probe_heads
+from lserve_hf.calibration import probe_heads
+from lserve_hf.heads import load_pattern
 from lserve_hf.calibration.probe import ProbePrompt
-from lserve_hf.calibration.shipped import find_shipped_pattern
+from lserve_hf.heads import find_shipped_pattern
 
 SINK, LOCAL = 4, 16
 

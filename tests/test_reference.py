@@ -9,7 +9,7 @@ from lserve_hf import reference
 from lserve_hf.streaming import fill_sink_and_ring
 
 
-def brute_prefill(q, k, v, streaming, sink, local, q_offset, kv_start, scale):
+def brute_prefill(q, k, v, streaming, sink, local, q_offset, kv_start, scale, window=None):
     B, Hq, S, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -20,6 +20,7 @@ def brute_prefill(q, k, v, streaming, sink, local, q_offset, kv_start, scale):
             for i in range(S):
                 qp = q_offset + i
                 keys = [j for j in range(N) if kv_start[b] <= j <= qp and
+                        (window is None or qp - j < window) and
                         (not streaming[kh] or j - kv_start[b] < sink or qp - j < local)]
                 if not keys:
                     continue
@@ -118,25 +119,26 @@ def test_paged_decode_reads_only_listed_pages():
     assert torch.allclose(out[0, 0, 0], torch.softmax(s, -1) @ pool_v[0, 0, seen], atol=1e-12)
 
 
-@pytest.mark.parametrize("G, streaming, kv_start, q_offset, window", [
-    (1, [True, False], None, 0, None),
-    (4, [False, False], None, 0, None),
-    (4, [True, True], [0, 5], 0, None),
-    (2, [True, False], [2, 0], 6, 7),
+@pytest.mark.parametrize("G, streaming, kv_start, q_offset, window, N", [
+    (1, [True, False], None, 0, None, 29),     # dense heads: one causal SDPA call
+    (4, [False, False], None, 0, None, 29),
+    (4, [True, True], [0, 5], 0, None, 29),
+    (2, [True, False], [2, 0], 6, 7, 29),       # a chunk at an offset, Mistral's window
+    (2, [True, True], [0, 3], 20, None, 61),    # sink and local band far apart: two key slices
 ])
-def test_sdpa_prefill_equals_reference(G, streaming, kv_start, q_offset, window):
-    from lserve_hf.attention import sdpa_prefill
-    from lserve_hf.cache import LayerPlan
-
-    g = torch.Generator().manual_seed(G)
-    B, Hkv, N, D = 2, 2, 29, 16
+def test_prefill_regimes_match_brute_force(G, streaming, kv_start, q_offset, window, N):
+    """The reference's block-wise prefill (each query block against the keys it can reach) in
+    every regime the serving path sends it, element for element against brute force."""
+    g = torch.Generator().manual_seed(G + N)
+    B, Hkv, D = 2, 2, 16
     S = N - q_offset
     q = torch.randn(B, Hkv * G, S, D, generator=g, dtype=torch.float64)
     k = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64)
     v = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64)
-    plan = LayerPlan(0, torch.tensor(streaming), False)
-    ks = torch.tensor(kv_start) if kv_start else None
-    got = sdpa_prefill(q, k, v, plan, 3, 5, q_offset, ks, 0.2, window, query_block=8)
-    want = reference.prefill_attention(q, k, v, plan.streaming, 3, 5, q_offset=q_offset, kv_start=ks,
-                                       scale=0.2, sliding_window=window)
+    streams = torch.tensor(streaming)
+    ks = torch.tensor(kv_start) if kv_start else torch.zeros(B, dtype=torch.long)
+    got = reference.prefill_attention(q, k, v, streams, 3, 5, q_offset=q_offset,
+                                      kv_start=ks if kv_start else None, scale=0.2,
+                                      sliding_window=window, query_block=8)
+    want = brute_prefill(q, k, v, streams, 3, 5, q_offset, ks, 0.2, window)
     assert torch.allclose(got, want, atol=1e-10)

@@ -15,21 +15,21 @@ def poison_unselected(cache, keep_selected=True):
     """NaN every page of every retrieval pool that the next step will not read (or, with
     keep_selected=False, one page it will read)."""
     for layer in cache.layers:
-        B, Hr, T, D = layer.pool_k.shape
+        B, Hr, T, D = layer.pool.pool_k.shape
         n_pages = T // CFG.page_size
-        last = (layer.lengths - 1) // CFG.page_size
+        last = (cache.lengths - 1) // CFG.page_size
         # the next token lands in the newest page or opens the next one
         read = torch.zeros(B, Hr, n_pages, dtype=torch.bool)
-        read.scatter_(2, layer.pages.flatten(2).clamp(max=n_pages - 1), True)
+        read.scatter_(2, layer.selector.pages.flatten(2).clamp(max=n_pages - 1), True)
         read[torch.arange(B), :, last] = True
-        read[torch.arange(B), :, (layer.lengths // CFG.page_size).clamp(max=n_pages - 1)] = True
+        read[torch.arange(B), :, (cache.lengths // CFG.page_size).clamp(max=n_pages - 1)] = True
         if not keep_selected:
             read = ~read
             read[:, :, 0] = True   # poison only page 0, which was selected
             read = ~read
         mask = (~read).repeat_interleave(CFG.page_size, dim=2).unsqueeze(-1)
-        layer.pool_k.masked_fill_(mask, float("nan"))
-        layer.pool_v.masked_fill_(mask, float("nan"))
+        layer.pool.pool_k.masked_fill_(mask, float("nan"))
+        layer.pool.pool_v.masked_fill_(mask, float("nan"))
 
 
 def test_decode_reads_only_selected_pages():
@@ -39,7 +39,7 @@ def test_decode_reads_only_selected_pages():
     with torch.no_grad():
         model(ids[:, :190], past_key_values=cache)
         model(ids[:, 190:191], past_key_values=cache)        # first decode step: selection made
-        sel = cache.layers[0].pages
+        sel = cache.layers[0].selector.pages
         assert sel.shape[-1] == CFG.pages_per_selection == 3
         clean = copy.deepcopy(cache)
         poison_unselected(cache)
@@ -59,8 +59,8 @@ def test_poisoning_a_selected_page_does_show():
         model(ids[:, :190], past_key_values=cache)
         model(ids[:, 190:191], past_key_values=cache)
         layer = cache.layers[0]
-        p = int(layer.pages[0, 0, 0, 1])                      # a selected page other than the last
-        layer.pool_k[0, 0, p * 16] = float("nan")
+        p = int(layer.selector.pages[0, 0, 0, 1])                      # a selected page other than the last
+        layer.pool.pool_k[0, 0, p * 16] = float("nan")
         assert not torch.isfinite(model(ids[:, 191:192], past_key_values=cache).logits).all()
 
 

@@ -30,7 +30,7 @@ FIELDS = ("task", "length", "n_tokens", "depth", "method", "expected", "output",
 def default_lserve_config(model, head_pattern=None) -> LServeConfig:
     """The shipped head pattern at 50% streaming when the model has one (else page selection only),
     with the budget scaled for small models: 512 tokens, prefill local 1024, decode local 256."""
-    from ..calibration.shipped import find_shipped_pattern
+    from ..heads import find_shipped_pattern
 
     has_pattern = head_pattern is not None or find_shipped_pattern(model.config) is not None
     return LServeConfig(streaming_sparsity=0.5 if has_pattern else 0.0, token_budget=512,
