@@ -22,7 +22,7 @@ import torch
 
 from . import ops, reference
 from .masks import PromptMask, general_prefill
-from .streaming import ring_tokens
+from .streaming import ring_tokens, streaming_decode_slots
 
 ATTN_NAME = "lserve"
 
@@ -48,21 +48,31 @@ def lserve_attention_forward(module, query, key, value, attention_mask, scaling=
     if lserve_cache is not None and fwd is None:
         raise RuntimeError("LServe: a decoder layer ran with an LServeCache outside the patched decoder's "
                            "forward; call the model (or model.model) rather than its layers.")
+    weights = None
+    want_weights = bool(kwargs.get("output_attentions"))
     if fwd is None or fwd.kind == "prefill":
         if lserve_cache is None and query.shape[2] == 1 and key.shape[2] > 1:
             ops.say_once("LServe: decoding with a cache that is not an LServeCache; streaming heads use the "
                          "prefill window and retrieval heads attend densely (no page selection). Let the "
                          "patched model create its cache, or pass LServeCache(model).")
-        out = _prefill(query, key, value, mask, plan, cfg, scale, sliding_window, dropout)
+        if want_weights:
+            out, weights = general_prefill(query, key, value, plan.streaming_on(query.device), cfg.prefill_sink,
+                                           cfg.prefill_local, key.shape[2] - query.shape[2], mask, scale,
+                                           sliding_window, dropout, cfg.prefill_query_block, return_weights=True)
+        else:
+            out = _prefill(query, key, value, mask, plan, cfg, scale, sliding_window, dropout)
     else:
         layer = lserve_cache.layers[plan.layer_idx]
+        if want_weights and fwd.kind != "decode":
+            raise ValueError("output_attentions=True is available for a prompt in one pass and for decode steps, "
+                             "not for tokens appended several at a time.")
         if fwd.kind == "chunk":
             out = _chunk_prefill(query, layer, lserve_cache, fwd, mask, plan, cfg, scale, sliding_window)
         elif fwd.kind == "decode":
-            out = _decode(query, layer, lserve_cache, fwd, plan, cfg, scale, sliding_window)
+            out, weights = _decode(query, layer, lserve_cache, fwd, plan, cfg, scale, sliding_window, want_weights)
         else:
             out = _extend(query, layer, lserve_cache, plan, cfg, scale, key, value, sliding_window)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), weights
 
 
 def _prefill(query, key, value, mask, plan, cfg, scale, window, dropout):
@@ -95,9 +105,10 @@ def _chunk_prefill(query, layer, cache, fwd, mask, plan, cfg, scale, window):
     return out
 
 
-def _decode(query, layer, cache, fwd, plan, cfg, scale, window):
+def _decode(query, layer, cache, fwd, plan, cfg, scale, window, want_weights=False):
     """One query per head: streaming heads over sink + ring, retrieval heads over the pages the
-    selector names. Queries and outputs are sorted by head kind once, so each kind is a view."""
+    selector names. Queries and outputs are sorted by head kind once, so each kind is a view.
+    Returns (output, weights over the positions seen or None)."""
     B, Hq, _, D = query.shape
     Hkv = plan.streaming.numel()
     q = query.view(B, Hkv, Hq // Hkv, D)
@@ -112,7 +123,51 @@ def _decode(query, layer, cache, fwd, plan, cfg, scale, window):
     s = layer.streaming
     ops.decode(q_s, s.sink_k, s.sink_v, s.ring_k, s.ring_v, q_r, layer.pool.pool_k, layer.pool.pool_v, pages,
                lengths, cfg, scale, o_s, o_r, window, fwd.longest)
-    return plan.unsort(out).view(B, Hq, 1, D)
+    weights = None
+    if want_weights:
+        weights = plan.unsort(decode_weights(q_s, q_r, layer, cache, pages, fwd, cfg, scale, window))
+        weights = weights.reshape(B, Hq, 1, -1)
+    return plan.unsort(out).view(B, Hq, 1, D), weights
+
+
+def decode_weights(q_s, q_r, layer, cache, pages, fwd, cfg, scale, window):
+    """The attention weights of a decode step, ``[B, Hs + Hr, G, positions]`` (heads sorted by
+    kind) over the positions Transformers counts (left padding included): the keys each head
+    read get their softmax weight, every other position 0. For ``output_attentions``."""
+    B, Hs, G, D = q_s.shape
+    Hr = q_r.shape[1]
+    lengths = cache.lengths_on(q_s.device)
+    start = cache.kv_start.to(q_s.device).view(B, 1, 1, 1) if cache.kv_start is not None else 0
+    n_pos = fwd.before + 1
+    weights = q_s.new_zeros(B, Hs + Hr, G, n_pos, dtype=torch.float32)
+    parts = []
+    if Hs:
+        s = layer.streaming
+        keys = torch.cat([s.sink_k, s.ring_k], dim=2)
+        sink_tok = torch.arange(cfg.decode_sink, device=q_s.device).view(1, -1).expand(B, -1)
+        tok = torch.cat([sink_tok, ring_tokens(lengths, cfg.decode_local)], dim=1)         # [B, N]
+        valid = streaming_decode_slots(lengths, cfg.decode_sink, cfg.decode_local, window)
+        scores = torch.einsum("bhgd,bhnd->bhgn", q_s.float(), keys.float()) * scale
+        parts.append((0, Hs, scores, valid.view(B, 1, 1, -1), tok.view(B, 1, 1, -1)))
+    if Hr:
+        pool = layer.pool
+        P = pool.capacity // cfg.page_size
+        idx = pages.clamp(0, P - 1)
+        tok = idx.unsqueeze(-1) * cfg.page_size + torch.arange(cfg.page_size, device=q_r.device)
+        valid = ((pages >= 0) & (pages < P)).unsqueeze(-1) & (tok < lengths.view(B, 1, 1, 1, 1))
+        if window is not None:
+            valid = valid & (tok >= lengths.view(B, 1, 1, 1, 1) - window)
+        tok, valid = tok.flatten(3), valid.flatten(3)                                       # [B, Hr, G, N]
+        keys = torch.gather(pool.pool_k, 2, tok.flatten(2).unsqueeze(-1).expand(-1, -1, -1, D))
+        scores = torch.einsum("bhgd,bhgnd->bhgn", q_r.float(), keys.view(B, Hr, G, -1, D).float()) * scale
+        parts.append((Hs, Hs + Hr, scores, valid, tok))
+    for a, b, scores, valid, tok in parts:
+        valid = valid.expand_as(scores)
+        p = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)
+        p = torch.where(valid, p, 0.0)
+        pos = (tok + start).clamp(0, n_pos - 1).expand_as(scores)
+        weights[:, a:b].scatter_add_(-1, pos, p)
+    return weights.to(q_s.dtype)
 
 
 def _extend(query, layer, cache, plan, cfg, scale, new_k, new_v, window):

@@ -74,7 +74,15 @@ def patched_class(cls: type, mixin: type) -> type:
         name = f"LServe{cls.__name__}"
         _PATCHED[cls] = type(name, (mixin, cls), {"__module__": __name__, "__qualname__": name,
                                                   "_lserve_base": cls})
-    return _PATCHED[cls]
+    sub = _PATCHED[cls]
+    # Transformers finds which outputs a model can record (output_attentions, output_hidden_states)
+    # by the name of its class: the subclass records what its base does.
+    from transformers.utils import output_capturing
+
+    registry = output_capturing._CAN_RECORD_REGISTRY
+    if dict.get(registry, str(cls)) is not None:
+        dict.__setitem__(registry, str(sub), dict.get(registry, str(cls)))
+    return sub
 
 
 def __getattr__(name: str):

@@ -82,6 +82,8 @@ def _allowed(mask: PromptMask, B: int, q_pos: torch.Tensor, N: int, device, wind
     ok = (k_pos.view(1, 1, 1, N) <= q_pos.view(1, 1, -1, 1)).expand(B, 1, -1, N)
     if window is not None:
         ok = ok & (q_pos.view(1, 1, -1, 1) - k_pos.view(1, 1, 1, N) < window)
+    if mask.kv_start is not None:
+        ok = ok & (k_pos.view(1, 1, 1, N) >= mask.kv_start.to(device).view(B, 1, 1, 1))
     if mask.key_valid is not None:
         ok = ok & mask.key_valid.to(device)[:, -N:].view(B, 1, 1, N)
     if mask.segments is not None:
