@@ -4,8 +4,9 @@ patch for HuggingFace Transformers causal LMs."""
 from .cache import LServeCache
 from .config import LServeConfig
 from .embedded import load_embedded_model
+from .memory import kv_bytes
 from .patch import SUPPORTED_MODEL_TYPES, patch_model, unpatch_model
 
-__all__ = ["LServeCache", "LServeConfig", "SUPPORTED_MODEL_TYPES", "load_embedded_model",
+__all__ = ["LServeCache", "LServeConfig", "SUPPORTED_MODEL_TYPES", "kv_bytes", "load_embedded_model",
            "patch_model", "unpatch_model"]
 __version__ = "0.2.0"

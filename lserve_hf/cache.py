@@ -162,9 +162,13 @@ class LServeLayer(CacheLayerMixin):
         if self.pool.grow(longest, min_step):
             self.epoch += 1
 
-    def kv_bytes(self) -> int:
-        return self.streaming.nbytes() + self.pool.nbytes() + sum(
-            t.numel() * t.element_size() for t in (self.prompt_k, self.prompt_v) if t is not None)
+    def kv_bytes(self, stored: int, reserved: bool = False) -> int:
+        """Bytes of this layer's KV: of the ``stored`` tokens per row it holds (its longest row),
+        or, with ``reserved``, of its tensors (spare pages, undo logs and prompt buffers too)."""
+        if reserved:
+            return self.streaming.nbytes() + self.pool.nbytes() + sum(
+                t.numel() * t.element_size() for t in (self.prompt_k, self.prompt_v) if t is not None)
+        return self.streaming.stored_bytes(stored) + self.pool.stored_bytes(stored)
 
 
 class LServeCache(Cache):
@@ -310,6 +314,7 @@ class LServeCache(Cache):
         for layer in self.layers:
             layer.finish_prompt(self)
 
-    def kv_bytes(self) -> int:
-        """Bytes held by the KV stores of all layers (page pools by capacity, summaries included)."""
-        return sum(layer.kv_bytes() for layer in self.layers)
+    def kv_bytes(self, reserved: bool = False) -> int:
+        """Bytes of the tokens stored (streaming heads: sink + window; retrieval heads: their tokens and
+        page summaries), or with ``reserved`` the memory the stores take (``lserve_hf.kv_bytes``)."""
+        return sum(layer.kv_bytes(self.step.longest, reserved) for layer in self.layers)

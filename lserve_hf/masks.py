@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .reference import sdpa
+
 
 @dataclass(frozen=True)
 class PromptMask:
@@ -128,7 +130,6 @@ def general_prefill(q, k, v, streaming, sink, local, q_offset, mask: PromptMask,
             weights[:, :, s0:s1] = p.to(q.dtype)
             o = torch.matmul(p, v.float().repeat_interleave(G, 1)).to(q.dtype)
         else:
-            o = F.scaled_dot_product_attention(qb, k, v, attn_mask=attn, dropout_p=dropout, scale=scale,
-                                               enable_gqa=True)
+            o = sdpa(qb, k, v, attn, scale, dropout)
         out[:, :, s0:s1] = torch.where(seen, o, 0.0)
     return (out, weights) if return_weights else out

@@ -103,5 +103,14 @@ class PagePool:
             if t is not None:
                 setattr(self, name, fn(t))
 
+    def stored_bytes(self, stored: int) -> int:
+        """Bytes of ``stored`` tokens per row and of the summaries of their logical pages."""
+        if not self.heads:
+            return 0
+        B, Hr, _, D = self.pool_k.shape
+        per = D * self.pool_k.element_size() * B * Hr
+        pages = -(-stored // self.config.logical_page_size) if self.kmax is not None else 0
+        return 2 * per * stored + 2 * pages * D * self.kmax.element_size() * B * Hr if pages else 2 * per * stored
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values() if t is not None)

@@ -28,6 +28,19 @@ def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # -- prefill ------------------------------------------------------------------------------------
 
+def sdpa(q, k, v, mask=None, scale=None, dropout: float = 0.0, is_causal: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with GQA (q ``[B, Hkv*G, S, D]``, k, v ``[B, Hkv, N, D]``).
+    Without a mask SDPA groups the query heads itself; with one its fused kernels do not take
+    grouped heads (it would fall back to the math kernel), so the KV heads are repeated first, as
+    Transformers does."""
+    G = q.shape[1] // k.shape[1]
+    if mask is not None and G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                          is_causal=is_causal, enable_gqa=G > 1)
+
+
 def prefill_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, streams: bool, sink: int, local: int,
                  kv_start: torch.Tensor | None = None, sliding_window: int | None = None) -> torch.Tensor:
     """Bool ``[B or 1, 1, len(q_pos), len(k_pos)]``: may a query at position ``q_pos[i]`` see the
@@ -87,7 +100,7 @@ def prefill_attention(q, k, v, streaming, sink, local, q_offset=0, kv_start=None
         qh = qg.index_select(1, heads).flatten(1, 2)
         kh, vh = k.index_select(1, heads), v.index_select(1, heads)
         if not streams and kv_start is None and sliding_window is None and q_offset == 0 and S == N:
-            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+            o = sdpa(qh, kh, vh, scale=scale, is_causal=True)
             out[:, heads] = o.view(B, heads.numel(), G, S, D)
             continue
         for s0 in range(0, S, query_block):
@@ -103,8 +116,7 @@ def prefill_attention(q, k, v, streaming, sink, local, q_offset=0, kv_start=None
             q_pos = torch.arange(q_offset + s0, q_offset + s1, device=q.device)
             mask = prefill_mask(q_pos, k_pos, streams, sink, local, kv_start, sliding_window)
             seen = mask.any(-1, keepdim=True)
-            o = F.scaled_dot_product_attention(qh[:, :, s0:s1], kb, vb, attn_mask=mask | ~seen,
-                                               scale=scale, enable_gqa=True)
+            o = sdpa(qh[:, :, s0:s1], kb, vb, mask | ~seen, scale)
             o = torch.where(seen, o, 0.0)
             out[:, heads, :, s0:s1] = o.view(B, heads.numel(), G, s1 - s0, D)
     return out.view(B, Hq, S, D)

@@ -144,5 +144,13 @@ class StreamingStore:
             if t is not None:
                 setattr(self, name, fn(t))
 
+    def stored_bytes(self, stored: int) -> int:
+        """Bytes of the live tokens of a row of ``stored`` tokens: its sinks and its window."""
+        if not self.heads:
+            return 0
+        B, Hs, _, D = self.ring_k.shape
+        live = min(stored, self.sink) + min(max(stored - self.sink, 0), self.local)
+        return 2 * B * Hs * live * D * self.ring_k.element_size()
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values() if t is not None)

@@ -70,7 +70,10 @@ def test_streaming_memory_is_constant_and_retrieval_grows_by_pages():
     layer = cache.layers[0]
     assert layer.streaming.sink_k.shape[2] + layer.streaming.ring_k.shape[2] == CFG.decode_sink + CFG.decode_local
     dense_bytes = 2 * 2 * 230 * 16 * 4 * 2          # layers x KV heads x tokens x D x fp32 x (K, V)
-    assert cache.kv_bytes() == sum(l.kv_bytes() for l in cache.layers) < dense_bytes
+    reserved = cache.kv_bytes(reserved=True)
+    assert reserved == sum(l.kv_bytes(230, reserved=True) for l in cache.layers) < dense_bytes
+    from lserve_hf import kv_bytes
+    assert kv_bytes(cache) == cache.kv_bytes() <= reserved and kv_bytes(cache, reserved=True) == reserved
 
 
 def test_reorder_and_select_rows():
