@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (PDL, Hopper and newer) for the decode-step kernels.
+"""Launch plumbing shared by the kernel files: the checks of launch plans and inputs, and
+programmatic dependent launch (PDL, Hopper and newer) for the decode-step kernels.
 
 A decode step is a chain of short launches (page scores, two top-k rounds, the sparse decode, the
 split merge), each a few microseconds, so the gap between one kernel's last program and the next
@@ -24,6 +25,26 @@ import triton.language as tl
 # page selection 15.1 without, 18.5 with True (the waiting top-k programs hold multiprocessors the
 # score programs need), 14.7 with "late".
 PDL = {"decode": True, "select": "late"}
+
+
+def refuse_float64(kernel: str, reference: str, *tensors) -> None:
+    """The kernels compute in fp32 on tensor cores: float64 inputs go to the torch reference."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        raise ValueError(f"{kernel} takes fp16, bf16 or fp32 tensors, not float64; use the torch "
+                         f"reference {reference}")
+
+
+def check_power_of_two(owner: str, **values) -> None:
+    """Raise unless each value is a positive power of two (Triton block shapes must be)."""
+    for name, n in values.items():
+        if not isinstance(n, int) or n < 1 or n & (n - 1):
+            raise ValueError(f"{owner}.{name} is {n!r}; use a positive power of two")
+
+
+def check_positive(owner: str, **values) -> None:
+    for name, n in values.items():
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{owner}.{name} is {n!r}; use a positive integer")
 
 
 def pdl_options(device, family: str) -> dict:

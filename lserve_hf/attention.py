@@ -67,7 +67,7 @@ def _kv_start(attention_mask, n_keys):
 
 def _prefill(query, key, value, attention_mask, plan, cfg, scale, sliding_window):
     kv_start = _kv_start(attention_mask, key.shape[2])
-    if use_triton(cfg.backend, query):
+    if use_triton(cfg.backend, query) and query.dtype != torch.float64:
         if query.shape[-1] in (64, 128):
             from .kernels import block_sparse_prefill
 
@@ -101,7 +101,7 @@ def _chunk_prefill(query, layer, attention_mask, plan, cfg, scale, sliding_windo
     G, T = Hq // Hkv, layer.seq_len
     st, rt = plan.heads(query.device)
     stores = ((False, rt, layer.pool_k, layer.pool_v), (True, st, layer.chunk_k, layer.chunk_v))
-    if use_triton(cfg.backend, query) and D in (64, 128):
+    if use_triton(cfg.backend, query) and D in (64, 128) and query.dtype != torch.float64:
         from .kernels import block_sparse_prefill
 
         # One launch per store, each computing its kind's query heads of the whole query in

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -26,14 +27,15 @@ pytest.importorskip("triton")
 
 from lserve_hf import reference as R  # noqa: E402
 from lserve_hf.kernels import page_selector as PS  # noqa: E402
-from lserve_hf.kernels.block_sparse_prefill import block_sparse_prefill  # noqa: E402
+from lserve_hf.kernels.block_sparse_prefill import (PrefillPlan, block_sparse_prefill,  # noqa: E402
+                                                    default_prefill_plan)
 from lserve_hf.kernels.page_summary import build_page_summaries, update_page_summaries  # noqa: E402
 from lserve_hf.kernels.sparse_decode import sparse_paged_decode  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 # Small blocks so that tiny CPU shapes still span many key / query blocks.
-SMALL = (32, 16, 4, 1)
+SMALL = PrefillPlan(32, 16, 4, 1)
 
 
 def rel_err(out, ref):
@@ -52,8 +54,7 @@ def _randn(*shape, dtype):
 # --------------------------------------------------------------------------------- prefill
 
 def _check_prefill(B, Hq, Hkv, Sq, Skv, D, streaming, sink, local, q_offset=0, kv_start=None,
-                   sliding_window=None, dtype=torch.float32, config=SMALL, scale=None, tma=None,
-                   head_major=None):
+                   sliding_window=None, dtype=torch.float32, plan=SMALL, scale=None):
     q = _randn(B, Hq, Sq, D, dtype=dtype)
     k = _randn(B, Hkv, Skv, D, dtype=dtype)
     v = _randn(B, Hkv, Skv, D, dtype=dtype)
@@ -61,7 +62,7 @@ def _check_prefill(B, Hq, Hkv, Sq, Skv, D, streaming, sink, local, q_offset=0, k
     start = None if kv_start is None else torch.tensor(kv_start, device=DEV)
     out = torch.full_like(q, float("nan"))                      # poisoned: every element must be written
     got = block_sparse_prefill(q, k, v, stream, sink, local, q_offset, start, scale, sliding_window,
-                               out=out, config=config, tma=tma, head_major=head_major)
+                               out=out, plan=plan)
     assert got.data_ptr() == out.data_ptr() and got.dtype == dtype
     assert not torch.isnan(out).any()
     ref = R.prefill_attention(q.double(), k.double(), v.double(), stream, sink, local, q_offset,
@@ -78,12 +79,11 @@ def test_prefill_gqa_mixed_heads(G, D):
     _check_prefill(1, 2 * G, 2, 75, 75, D, [True, False], sink=5, local=21)
 
 
-@pytest.mark.parametrize("head_major", [False, True])
-def test_prefill_offset_kv_start_chunked(head_major):
+def test_prefill_offset_kv_start_chunked():
     torch.manual_seed(1)
-    # a query chunk at offset 61 into a 131-key cache, left padding per row; both launch orders
+    # a query chunk at offset 61 into a 131-key cache, left padding per row
     _check_prefill(2, 8, 2, 70, 131, 64, [True, False], sink=7, local=19, q_offset=61,
-                   kv_start=[0, 13], head_major=head_major)
+                   kv_start=[0, 13])
 
 
 def test_prefill_all_streaming_and_all_dense():
@@ -102,17 +102,16 @@ def test_prefill_bf16_default_blocks():
     torch.manual_seed(4)
     # the tuned (Hopper) block sizes, with a local window that is not a block multiple
     _check_prefill(1, 4, 2, 150, 150, 64, [True, False], sink=9, local=70, dtype=torch.bfloat16,
-                   config=None)
+                   plan=None)
 
 
 @pytest.mark.parametrize("case", ["gqa8_d64", "gqa4_d128_offset_start", "gqa1_window_all_streaming"])
-@pytest.mark.parametrize("head_major", [False, True])
-def test_prefill_tma_path(case, head_major):
+def test_prefill_tma_path(case):
     """Tiles moved by tensor descriptors (Hopper's copy engine; the interpreter emulates it): keys
     past the cache and query rows past the chunk come back as zeros, output rows past it are
     clipped, so odd lengths, chunk offsets and padding give the reference result."""
     torch.manual_seed(40 + len(case))
-    kw = dict(dtype=torch.bfloat16, tma=True, head_major=head_major)
+    kw = dict(dtype=torch.bfloat16, plan=replace(SMALL, tma=True))
     if case == "gqa8_d64":
         _check_prefill(1, 16, 2, 75, 75, 64, [True, False], sink=5, local=21, **kw)
     elif case == "gqa4_d128_offset_start":
@@ -127,11 +126,11 @@ def test_prefill_tma_refuses_unaligned_layouts():
     stream = torch.tensor([False, True], device=DEV)
     q = _randn(1, 2, 8, 64, dtype=torch.float32)                     # 4-byte elements
     with pytest.raises(ValueError, match="tma=True"):
-        block_sparse_prefill(q, q, q, stream, 4, 4, tma=True)
+        block_sparse_prefill(q, q, q, stream, 4, 4, plan=default_prefill_plan(64, tma=True))
     flat = _randn(2 * 8 * 64 + 1, dtype=torch.bfloat16)
     shifted = flat[1:].view(1, 2, 8, 64)                              # base 2 bytes off alignment
     with pytest.raises(ValueError, match="tma=True"):
-        block_sparse_prefill(shifted, shifted, shifted, stream, 4, 4, tma=True)
+        block_sparse_prefill(shifted, shifted, shifted, stream, 4, 4, plan=replace(SMALL, tma=True))
 
 
 @pytest.mark.parametrize("dtype,tma", [(torch.float32, False), (torch.bfloat16, True)])
@@ -148,8 +147,8 @@ def test_prefill_q_heads_subset(dtype, tma):
     stream = torch.tensor([True, False], device=DEV)
     start = torch.tensor([0, 9], device=DEV)
     out = torch.full_like(q, float("nan"))
-    block_sparse_prefill(q, k, v, stream, 5, 13, T - S, start, out=out, q_heads=q_heads, tma=tma,
-                         config=SMALL)
+    block_sparse_prefill(q, k, v, stream, 5, 13, T - S, start, out=out, q_heads=q_heads,
+                         plan=replace(SMALL, tma=tma))
     ref = R.prefill_attention(q[:, q_heads].double(), k.double(), v.double(), stream, 5, 13, T - S, start)
     assert rel_err(out[:, q_heads], ref) < _tol(dtype)
     others = [h for h in range(Hq) if h not in q_heads.tolist()]
@@ -218,7 +217,7 @@ def test_prefill_streaming_heads_skip_far_blocks():
     kp[:, :, 32:96] = float("nan")
     vp[:, :, 32:96] = float("nan")
     out = block_sparse_prefill(q[:, :, 128:], kp, vp, stream, sink, local, q_offset=128,
-                               config=(bm, bn, 4, 1))
+                               plan=PrefillPlan(bm, bn, 4, 1))
     assert not torch.isnan(out).any()
     assert rel_err(out, ref[:, :, 128:]) < 1e-5
 
@@ -228,9 +227,9 @@ def test_prefill_streaming_heads_skip_far_blocks():
 def test_prefill_gpu_default_config(D):
     torch.manual_seed(7)
     _check_prefill(1, 8, 2, 1999, 2411, D, [True, False], sink=128, local=333, q_offset=412,
-                   kv_start=[17], dtype=torch.bfloat16, config=None)
+                   kv_start=[17], dtype=torch.bfloat16, plan=None)
     _check_prefill(2, 8, 8, 1500, 1500, D, [True, False] * 4, sink=64, local=700,
-                   dtype=torch.float16, config=None, sliding_window=1100)
+                   dtype=torch.float16, plan=None, sliding_window=1100)
 
 
 # --------------------------------------------------------------------------- page summaries
