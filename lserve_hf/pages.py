@@ -17,7 +17,7 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def build_summaries(pool_k: torch.Tensor, lengths: torch.Tensor, cfg: LServeConfig):
-    if use_triton(cfg.backend, pool_k):
+    if use_triton(cfg.backend, pool_k) and pool_k.dtype != torch.float64:
         from .kernels import build_page_summaries
 
         return build_page_summaries(pool_k, lengths, cfg.logical_page_size)
@@ -37,7 +37,7 @@ def update_summaries(kmax, kmin, new_k, positions, cfg: LServeConfig) -> None:
     """Fold new keys ``[B, Hr, S, D]`` at token positions ``[B, S]`` into the summaries in place.
     Empty logical pages hold -inf/+inf, so a plain max/min starts a page correctly."""
     B, Hr, S, D = new_k.shape
-    if S == 1 and use_triton(cfg.backend, new_k):
+    if S == 1 and use_triton(cfg.backend, new_k) and new_k.dtype != torch.float64:
         from .kernels import update_page_summaries
 
         update_page_summaries(kmax, kmin, new_k[:, :, 0], positions[:, 0], cfg.logical_page_size)
