@@ -9,7 +9,7 @@ try:
     import triton  # noqa: F401
 
     from .block_sparse_prefill import PrefillPlan, block_sparse_prefill, default_prefill_plan
-    from .page_selector import select_pages
+    from .page_selector import DEFAULT_SELECT_PLAN, SelectPlan, select_pages
     from .page_summary import build_page_summaries, update_page_summaries
     from .sparse_decode import sparse_paged_decode
 
@@ -17,9 +17,9 @@ try:
 except ImportError:  # triton missing (or too old to provide what the kernels use)
     block_sparse_prefill = select_pages = build_page_summaries = None
     update_page_summaries = sparse_paged_decode = None
-    PrefillPlan = default_prefill_plan = None
+    PrefillPlan = default_prefill_plan = SelectPlan = DEFAULT_SELECT_PLAN = None
     TRITON_AVAILABLE = False
 
 __all__ = ["TRITON_AVAILABLE", "block_sparse_prefill", "build_page_summaries",
            "update_page_summaries", "select_pages", "sparse_paged_decode",
-           "PrefillPlan", "default_prefill_plan"]
+           "SelectPlan", "DEFAULT_SELECT_PLAN", "PrefillPlan", "default_prefill_plan"]

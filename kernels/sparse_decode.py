@@ -53,6 +53,9 @@ DECODE_PLAN = {
     "tma": False,
     # a retrieval program of the tensor-core decode loads its split's page numbers before its loop
     "prefetch_pages": True,
+    # PDL mode of the decode and merge launches (kernels/launch.py): True 16.6 us, "late" 17.4,
+    # off 17.7 (decode + merge, same sweep)
+    "pdl": True,
 }
 
 _COUNTERS: dict = {}   # device -> int32 zeros, one counter per query head (reset by the kernel)
@@ -580,7 +583,7 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
         if DECODE_PLAN.get("fused_combine") if fused_combine is None else fused_combine:
             counters = _counters(any_q.device, rows)
     fused = counters is not None
-    pdl = pdl_options(any_q.device, "decode")
+    pdl = pdl_options(any_q.device, DECODE_PLAN["pdl"])
     if use_mma:
         tma = DECODE_PLAN.get("tma") if tma is None else tma
         tma_ok = bool(Hr) and _tma_pages_ok(pool_k, pool_v, page_size)
@@ -605,7 +608,7 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
             BLOCK_T=block_t, PAGE_PAD=page_pad, HEAD_DIM=D, M=max(16, triton.next_power_of_2(G)),
             DIRECT=direct, IEEE=any_q.dtype == torch.float32 or any_q.device.type == "cpu",
             FUSED=fused, SPLIT_PAD=triton.next_power_of_2(n_split), TMA=bool(tma),
-            GDC=gdc_mode(pdl, "decode"), PREFETCH=bool(prefetch),
+            GDC=gdc_mode(pdl, DECODE_PLAN["pdl"]), PREFETCH=bool(prefetch),
             SLOT_PAD=triton.next_power_of_2(max(slps, 1)),
             num_warps=num_warps, num_stages=num_stages, **pdl)
     else:
@@ -622,6 +625,6 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
         merge_pdl = pdl if use_mma else {}
         _combine_kernel[(rows,)](
             opart, mlpart, os_, or_, *os_.stride(), *or_.stride(), Hs, Hr, G, ns, nr,
-            SPLIT_PAD=triton.next_power_of_2(n_split), HEAD_DIM=D, GDC=gdc_mode(merge_pdl, "decode"),
+            SPLIT_PAD=triton.next_power_of_2(n_split), HEAD_DIM=D, GDC=gdc_mode(merge_pdl, DECODE_PLAN["pdl"]),
             num_warps=4 if n_split >= 16 else 1, **merge_pdl)
     return out_stream, out_retr

@@ -28,6 +28,10 @@ def select(q, kmax, kmin, lengths, cfg: LServeConfig) -> torch.Tensor:
     """Pages per retrieval query head, ``[B, Hr, G, pages_per_selection]`` (``reference.select_pages``)."""
     if use_triton(cfg.backend, q):
         from .kernels import select_pages
+        from .kernels.page_selector import unsupported
+
+        if unsupported(q, cfg.page_size, cfg.logical_page_size):   # e.g. float64, D < 16
+            select_pages = reference.select_pages
     else:
         select_pages = reference.select_pages
     return select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, cfg.pages_per_selection)

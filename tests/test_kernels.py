@@ -29,6 +29,7 @@ from lserve_hf import reference as R  # noqa: E402
 from lserve_hf.kernels import page_selector as PS  # noqa: E402
 from lserve_hf.kernels.block_sparse_prefill import (PrefillPlan, block_sparse_prefill,  # noqa: E402
                                                     default_prefill_plan)
+from lserve_hf.kernels.page_selector import SelectPlan  # noqa: E402
 from lserve_hf.kernels.page_summary import build_page_summaries, update_page_summaries  # noqa: E402
 from lserve_hf.kernels.sparse_decode import sparse_paged_decode  # noqa: E402
 
@@ -281,21 +282,15 @@ def _summaries(B, Hkv, T, D, lengths, lp, dtype, integer, repeat_pages=0, page_s
     return R.page_summaries(keys, torch.tensor(lengths, device=DEV), lp)
 
 
-@pytest.mark.parametrize("topk,min_chunk,dtype", [("sort", 16, torch.float32),
-                                                  ("sort", 1024, torch.bfloat16),
-                                                  ("auto", 1024, torch.float32),
-                                                  ("auto", 1024, torch.bfloat16),
-                                                  ("radix", 1024, torch.float32),
-                                                  ("radix", 1024, torch.bfloat16)])
-@pytest.mark.parametrize("score,partial", [("fma", False), ("dot", False), ("dot", True)])
-def test_select_pages_exact_with_ties(monkeypatch, topk, min_chunk, dtype, score, partial):
+@pytest.mark.parametrize("chunk,dtype", [(16, torch.float32), (512, torch.bfloat16)])
+@pytest.mark.parametrize("partial", [False, True])
+def test_select_pages_exact_with_ties(chunk, dtype, partial):
     """Integer-valued q and keys make every sum exact and ties frequent: the selection must equal
-    the reference's stable sort element for element (last page first, ties to the lower page)."""
-    if partial and (topk != "sort" or not hasattr(PS.tl, "topk")):
-        pytest.skip("partial sorting is an option of the sorting top-k, with Triton's tl.topk")
-    monkeypatch.setattr(PS, "_MIN_CHUNK", min_chunk)   # 16: several top-k chunks and a merge
-    monkeypatch.setitem(PS.SELECT_PLAN, "score", score)
-    monkeypatch.setitem(PS.SELECT_PLAN, "partial_sort", partial)
+    the reference's stable sort element for element (last page first, ties to the lower page).
+    Chunks of 16 keys: several top-k chunks and a merge round; 512 (the default): one round."""
+    if partial and not hasattr(PS.tl, "topk"):
+        pytest.skip("partial sorting needs Triton's tl.topk")
+    plan = SelectPlan(chunk=chunk, partial_sort=partial)
     torch.manual_seed(30)
     B, Hkv, G, D, T, ps, lp = 2, 2, 2, 64, 768, 16, 4
     lengths = [757, 161]
@@ -303,7 +298,7 @@ def test_select_pages_exact_with_ties(monkeypatch, topk, min_chunk, dtype, score
     q = torch.randint(-1, 2, (B, Hkv, G, D), device=DEV).to(dtype)
     L = torch.tensor(lengths, device=DEV)
     for n_select in (1, 5, 12):
-        got = PS.select_pages(q, kmax, kmin, L, ps, lp, n_select, topk=topk)
+        got = PS.select_pages(q, kmax, kmin, L, ps, lp, n_select, plan=plan)
         ref = R.select_pages(q, kmax, kmin, L, ps, lp, n_select)
         assert got.dtype == torch.int64 and torch.equal(got, ref), n_select
     scores = R.page_scores(q, kmax, kmin, L, ps, lp)
@@ -323,43 +318,34 @@ def test_select_pages_fewer_pages_than_slots_and_empty_row():
     assert torch.equal(got[..., 4:], torch.arange(4, 7, device=DEV).expand(B, Hkv, G, 3))
 
 
-@pytest.mark.parametrize("score", ["fma", "dot"])
-def test_select_pages_random_float(monkeypatch, score):
+def test_select_pages_random_float():
     """Random floats: the kernel's scores match the reference's to rounding, and its ranking is
     exactly the reference's stable sort of those scores (whatever the summation order)."""
-    monkeypatch.setattr(PS, "_MIN_CHUNK", 32)
-    monkeypatch.setitem(PS.SELECT_PLAN, "score", score)
+    plan = SelectPlan(chunk=32)
     torch.manual_seed(32)
     B, Hkv, G, D, T, ps, lp = 2, 2, 4, 128, 1024, 16, 4
     lengths = [1001, 333]
     kmax, kmin = _summaries(B, Hkv, T, D, lengths, lp, torch.float32, integer=False)
     q = _randn(B, Hkv, G, D, dtype=torch.float32)
     L = torch.tensor(lengths, device=DEV)
-    scores = PS.page_scores(q, kmax, kmin, L, ps, lp)
+    scores = PS.page_scores(q, kmax, kmin, L, ps, lp, plan=plan)
     ref_scores = R.page_scores(q.double(), kmax.double(), kmin.double(), L, ps, lp)
     fin = torch.isfinite(ref_scores)
     assert torch.equal(fin, torch.isfinite(scores))
     assert torch.allclose(scores[fin].double(), ref_scores[fin], rtol=1e-5, atol=1e-4)
-    got = PS.select_pages(q, kmax, kmin, L, ps, lp, 9)
-    assert torch.equal(got, PS.select_pages(q, kmax, kmin, L, ps, lp, 9, topk="auto"))
-    assert torch.equal(got, PS.select_pages(q, kmax, kmin, L, ps, lp, 9, topk="radix"))
+    got = PS.select_pages(q, kmax, kmin, L, ps, lp, 9, plan=plan)
     n_pages = (L + ps - 1) // ps
     last = torch.arange(scores.shape[-1], device=DEV).view(1, -1) == (n_pages - 1).view(-1, 1)
     ranked = torch.sort(scores.masked_fill(last.view(B, 1, 1, -1), float("inf")), dim=-1,
                         descending=True, stable=True).indices[..., :9]
     assert torch.equal(got, ranked)
-    # and with float64 queries the kernel scores in float64, equal to the reference
-    got64 = PS.select_pages(q.double(), kmax.double(), kmin.double(), L, ps, lp, 9)
-    assert torch.equal(got64, R.select_pages(q.double(), kmax.double(), kmin.double(), L, ps, lp, 9))
 
 
 @gpu
 @pytest.mark.parametrize("pdl,partial", [(False, False), (True, False), ("late", False), ("late", True)])
-def test_select_pages_gpu_long_context(pdl, partial, monkeypatch):
-    """128K context, every top-k on the GPU, under each PDL mode and with partial sorting."""
-    from lserve_hf.kernels import launch
-    monkeypatch.setitem(launch.PDL, "select", pdl)
-    monkeypatch.setitem(PS.SELECT_PLAN, "partial_sort", partial)
+def test_select_pages_gpu_long_context(pdl, partial):
+    """128K context on the GPU, under each PDL mode and with partial sorting."""
+    plan = SelectPlan(pdl=pdl, partial_sort=partial)
     torch.manual_seed(33)
     B, Hkv, G, D, ps, lp = 1, 8, 4, 128, 64, 16
     T = 128 * 1024
@@ -368,9 +354,7 @@ def test_select_pages_gpu_long_context(pdl, partial, monkeypatch):
     q = torch.randint(-2, 3, (B, Hkv, G, D), device=DEV).to(torch.bfloat16)
     L = torch.tensor(lengths, device=DEV)
     ref = R.select_pages(q, kmax, kmin, L, ps, lp, 64)
-    assert torch.equal(PS.select_pages(q, kmax, kmin, L, ps, lp, 64, topk="auto"), ref)
-    assert torch.equal(PS.select_pages(q, kmax, kmin, L, ps, lp, 64, topk="sort"), ref)
-    assert torch.equal(PS.select_pages(q, kmax, kmin, L, ps, lp, 64, topk="radix"), ref)
+    assert torch.equal(PS.select_pages(q, kmax, kmin, L, ps, lp, 64, plan=plan), ref)
 
 
 # ---------------------------------------------------------------------------------- decode
@@ -493,26 +477,33 @@ def test_decode_tma_refuses_odd_page():
 
 
 def test_pdl_only_on_hopper_gpus(monkeypatch):
-    """Programmatic dependent launch is asked for only on an sm90+ GPU and only for the kernel
-    families switched on; the interpreter and older GPUs launch plainly."""
+    """Programmatic dependent launch is asked for only on an sm90+ GPU and only when the plan's
+    mode is on; the interpreter and older GPUs launch plainly."""
     from lserve_hf.kernels import launch
-    assert launch.pdl_options(torch.device("cpu"), "decode") == {}
+    assert launch.pdl_options(torch.device("cpu"), True) == {}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert launch.pdl_options(torch.device("cuda", 0), "decode") == {}
+    assert launch.pdl_options(torch.device("cuda", 0), True) == {}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(launch, "_triton_has_pdl", lambda: True)
-    monkeypatch.setitem(launch.PDL, "decode", True)
-    monkeypatch.setitem(launch.PDL, "select", False)
-    assert launch.pdl_options(torch.device("cuda", 0), "decode") == {"launch_pdl": True}
-    assert launch.pdl_options(torch.device("cuda", 0), "select") == {}
-    assert launch.gdc_mode({}, "decode") == 0
-    assert launch.gdc_mode({"launch_pdl": True}, "decode") == 1
-    monkeypatch.setitem(launch.PDL, "decode", "late")
-    assert launch.pdl_options(torch.device("cuda", 0), "decode") == {"launch_pdl": True}
-    assert launch.gdc_mode({"launch_pdl": True}, "decode") == 2
-    monkeypatch.setitem(launch.PDL, "decode", "Late")
-    with pytest.raises(ValueError, match="late"):
-        launch.gdc_mode({}, "decode")
+    assert launch.pdl_options(torch.device("cuda", 0), True) == {"launch_pdl": True}
+    assert launch.pdl_options(torch.device("cuda", 0), False) == {}
+    assert launch.gdc_mode({}, True) == 0
+    assert launch.gdc_mode({"launch_pdl": True}, True) == 1
+    assert launch.pdl_options(torch.device("cuda", 0), "late") == {"launch_pdl": True}
+    assert launch.gdc_mode({"launch_pdl": True}, "late") == 2
+    monkeypatch.setattr(launch, "_triton_has_pdl", lambda: False)
+    assert launch.pdl_options(torch.device("cuda", 0), True) == {}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SelectPlan(pdl="on"), lambda: SelectPlan(pdl=None),
+    lambda: SelectPlan(chunk=48), lambda: SelectPlan(score_dot_rows=0),
+    lambda: SelectPlan(partial_sort="yes"), lambda: PrefillPlan(128, 48, 8, 3),
+    lambda: PrefillPlan(8, 16, 4, 1), lambda: PrefillPlan(32, 16, 4, 0),
+    lambda: PrefillPlan(32, 16, 4, 1, tma="auto")])
+def test_invalid_plans_raise(make):
+    with pytest.raises(ValueError, match="Plan"):
+        make()
 
 
 def test_decode_mma_refuses_float64():
@@ -524,12 +515,52 @@ def test_decode_mma_refuses_float64():
                             torch.tensor([40], device=DEV), 4, 8, 64, 0.125, mma=True)
 
 
+def test_select_pages_refuses_what_the_dot_scorer_cannot_take():
+    """Three logical pages per physical page, or D < 16: a clear error naming the reference."""
+    torch.manual_seed(34)
+    L = torch.tensor([40], device=DEV)
+    kmax, kmin = _summaries(1, 1, 48, 64, [40], 8, torch.float32, integer=True)
+    q = _randn(1, 1, 2, 64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="power-of-two number of logical pages.*reference.select_pages"):
+        PS.select_pages(q, kmax, kmin, L, 24, 8, 2)
+    kmax, kmin = _summaries(1, 1, 48, 8, [40], 4, torch.float32, integer=True)
+    with pytest.raises(ValueError, match="head dim.*reference.select_pages"):
+        PS.select_pages(_randn(1, 1, 2, 8, dtype=torch.float32), kmax, kmin, L, 16, 4, 2)
+
+
+def test_serving_select_falls_back_to_the_reference(monkeypatch):
+    """lserve_hf.pages.select sends what the kernel refuses (float64, three logical pages per
+    page) to reference.select_pages, and the rest to the kernel."""
+    from lserve_hf import LServeConfig, kernels
+    from lserve_hf import pages as page_ops
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return PS.select_pages(*args, **kwargs)
+
+    monkeypatch.setattr(page_ops, "use_triton", lambda backend, x: True)
+    monkeypatch.setattr(kernels, "select_pages", counted)
+    torch.manual_seed(35)
+    L = torch.tensor([90, 41], device=DEV)
+    for page, lp, dtype, kernel in ((16, 4, torch.float32, True), (16, 4, torch.float64, False),
+                                    (24, 8, torch.float32, False)):
+        cfg = LServeConfig(page_size=page, logical_page_size=lp, token_budget=3 * page)
+        kmax, kmin = _summaries(2, 2, 96, 64, L.tolist(), lp, dtype, integer=True, page_size=page)
+        q = torch.randint(-2, 3, (2, 2, 2, 64), device=DEV).to(dtype)
+        n = len(calls)
+        got = page_ops.select(q, kmax, kmin, L, cfg)
+        assert torch.equal(got, R.select_pages(q, kmax, kmin, L, page, lp, cfg.pages_per_selection))
+        assert (len(calls) > n) == kernel
+
+
 @gpu
 @MMA
 @pytest.mark.parametrize("pdl", [True, "late"])
 def test_decode_gpu_budget_shape(mma, prefetch, pdl, monkeypatch):
-    from lserve_hf.kernels import launch
-    monkeypatch.setitem(launch.PDL, "decode", pdl)
+    from lserve_hf.kernels import sparse_decode as SD
+    monkeypatch.setitem(SD.DECODE_PLAN, "pdl", pdl)
     torch.manual_seed(53)
     _check_decode(2, 4, 4, 4, 128, sink=128, local=256, T=16384, ps=64, K=64,
                   lengths=[16384 - 5, 9000], dtype=torch.bfloat16, mma=mma, prefetch=prefetch)
