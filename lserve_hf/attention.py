@@ -164,7 +164,7 @@ def _decode(query, layer, plan, cfg, scale, window=None):
     G = Hq // Hkv
     q = query.view(B, Hkv, G, D)
     st, rt = plan.heads(q.device)
-    if use_triton(cfg.backend, q):
+    if use_triton(cfg.backend, q) and q.dtype != torch.float64 and D >= 16:
         if window is None or layer.max_length <= window:
             return _decode_triton(q, layer, plan, cfg, scale, st, rt).view(B, Hq, 1, D)
         say_once("LServe: the Triton decode has no sliding window; past the window, decode runs the "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from dataclasses import replace
+from dataclasses import astuple, replace
 
 import pytest
 import torch
@@ -31,7 +31,7 @@ from lserve_hf.kernels.block_sparse_prefill import (PrefillPlan, block_sparse_pr
                                                     default_prefill_plan)
 from lserve_hf.kernels.page_selector import SelectPlan  # noqa: E402
 from lserve_hf.kernels.page_summary import build_page_summaries, update_page_summaries  # noqa: E402
-from lserve_hf.kernels.sparse_decode import sparse_paged_decode  # noqa: E402
+from lserve_hf.kernels.sparse_decode import DecodePlan, sparse_paged_decode  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -403,77 +403,42 @@ def _check_decode(B, Hs, Hr, G, D, sink, local, T, ps, K, lengths, dtype=torch.f
         assert rel_err(out_r, ref) < _tol(dtype)
 
 
-# the per-thread kernel, the tensor-core kernel, and the latter with page numbers loaded first
-MMA = pytest.mark.parametrize("mma,prefetch", [(False, None), (True, False), (True, True)],
-                              ids=["fma", "mma", "mma-prefetch"])
-
-
-@MMA
 @pytest.mark.parametrize("G,D", [(1, 64), (4, 128), (8, 64)])
-def test_decode_mixed_heads(G, D, mma, prefetch):
+def test_decode_mixed_heads(G, D):
     torch.manual_seed(40 + G)
     # lengths cross page boundaries (partial last pages), one short row, ring wrapped in row 0
-    _check_decode(2, 2, 2, G, D, sink=5, local=13, T=96, ps=16, K=4, lengths=[91, 9], mma=mma,
-                  prefetch=prefetch)
+    _check_decode(2, 2, 2, G, D, sink=5, local=13, T=96, ps=16, K=4, lengths=[91, 9])
 
 
-@MMA
 @pytest.mark.parametrize("n_split", [1, 3, None])
-def test_decode_splits(n_split, mma, prefetch):
+def test_decode_splits(n_split):
     torch.manual_seed(50)
     _check_decode(3, 1, 2, 2, 64, sink=4, local=24, T=128, ps=16, K=6, lengths=[128, 45, 17],
-                  n_split=n_split, mma=mma, prefetch=prefetch)
+                  plan=DecodePlan(n_split=n_split))
 
 
-@MMA
-@pytest.mark.parametrize("n_split", [3, None])
-def test_decode_fused_combine(n_split, mma, prefetch):
-    """Splits merged inside the decode launch (per-head counters): right twice in a row, so the
-    counters are back at zero after a call."""
-    for seed in (51, 52):
-        torch.manual_seed(seed)
-        _check_decode(3, 1, 2, 2, 64, sink=4, local=24, T=128, ps=16, K=6, lengths=[128, 45, 17],
-                      n_split=n_split, fused_combine=True, mma=mma, prefetch=prefetch)
-
-
-@MMA
-def test_decode_only_retrieval_or_only_streaming(mma, prefetch):
+def test_decode_only_retrieval_or_only_streaming():
     torch.manual_seed(51)
-    kw = dict(mma=mma, prefetch=prefetch)
-    _check_decode(2, 0, 3, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 33], n_split=2, **kw)
-    _check_decode(2, 3, 0, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 3], n_split=2, **kw)
-    _check_decode(2, 2, 0, 2, 64, sink=0, local=8, T=80, ps=16, K=4, lengths=[70, 3], **kw)
+    split2 = DecodePlan(n_split=2)
+    _check_decode(2, 0, 3, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 33], plan=split2)
+    _check_decode(2, 3, 0, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 3], plan=split2)
+    _check_decode(2, 2, 0, 2, 64, sink=0, local=8, T=80, ps=16, K=4, lengths=[70, 3])
 
 
-@MMA
-def test_decode_bf16_odd_page(mma, prefetch):
+def test_decode_bf16_odd_page():
     torch.manual_seed(52)
     # page of 24 tokens (not a power of two), bf16
     _check_decode(2, 2, 2, 2, 128, sink=6, local=10, T=96, ps=24, K=3, lengths=[95, 30],
-                  dtype=torch.bfloat16, mma=mma, prefetch=prefetch)
+                  dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-@pytest.mark.parametrize("n_split,fused", [(1, False), (3, False), (None, True)])
-def test_decode_tma_pages(n_split, fused, prefetch):
-    """Retrieval pages through tensor descriptors (the copy engine on sm90+; the interpreter on
-    CPU): partial last pages, empty slots, poisoned tokens past the length and unselected pages."""
+@pytest.mark.parametrize("n_split", [1, 3, None])
+def test_decode_bf16_gqa4_splits(n_split):
+    """bf16 with a GQA group of 4: partial last pages, empty slots, poisoned tokens past the
+    length and unselected pages, with one split (output written directly), three, or automatic."""
     torch.manual_seed(54)
     _check_decode(2, 2, 2, 4, 64, sink=5, local=21, T=160, ps=16, K=5, lengths=[157, 40],
-                  dtype=torch.bfloat16, mma=True, tma=True, n_split=n_split, fused_combine=fused,
-                  prefetch=prefetch)
-
-
-def test_decode_tma_refuses_odd_page():
-    L, qs, sk, sv, rk, rv, qr, pk, pv, pages = _decode_inputs(1, 1, 1, 2, 64, 4, 8, 96, 24, 2, [90],
-                                                              torch.bfloat16)
-    with pytest.raises(ValueError, match="power-of-two page"):
-        sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, 4, 8, 24, 0.125, mma=True, tma=True)
-    with pytest.raises(ValueError, match="mma=True"):
-        sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, 4, 8, 24, 0.125, mma=False, tma=True)
-    with pytest.raises(ValueError, match="mma=True"):
-        sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, 4, 8, 24, 0.125, mma=False,
-                            prefetch=True)
+                  dtype=torch.bfloat16, plan=DecodePlan(n_split=n_split))
 
 
 def test_pdl_only_on_hopper_gpus(monkeypatch):
@@ -496,7 +461,9 @@ def test_pdl_only_on_hopper_gpus(monkeypatch):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: SelectPlan(pdl="on"), lambda: SelectPlan(pdl=None),
+    lambda: DecodePlan(pdl="Late"), lambda: SelectPlan(pdl="on"), lambda: SelectPlan(pdl=None),
+    lambda: DecodePlan(n_split=0), lambda: DecodePlan(block_t=48), lambda: DecodePlan(block_t=8),
+    lambda: DecodePlan(num_warps=3), lambda: DecodePlan(target_programs=0),
     lambda: SelectPlan(chunk=48), lambda: SelectPlan(score_dot_rows=0),
     lambda: SelectPlan(partial_sort="yes"), lambda: PrefillPlan(128, 48, 8, 3),
     lambda: PrefillPlan(8, 16, 4, 1), lambda: PrefillPlan(32, 16, 4, 0),
@@ -506,13 +473,41 @@ def test_invalid_plans_raise(make):
         make()
 
 
-def test_decode_mma_refuses_float64():
-    q = torch.randn(1, 1, 2, 64, dtype=torch.float64, device=DEV)
-    kv = torch.randn(1, 1, 64, 64, dtype=torch.float64, device=DEV)
+def test_plans_are_frozen_with_documented_defaults():
+    from lserve_hf import kernels
+    with pytest.raises(AttributeError):
+        kernels.DEFAULT_DECODE_PLAN.n_split = 3
+    # compared field by field: the modules may have been reloaded for the interpreter (above)
+    assert astuple(kernels.DEFAULT_DECODE_PLAN) == astuple(DecodePlan()) and DecodePlan().pdl is True
+    assert astuple(kernels.DEFAULT_SELECT_PLAN) == astuple(SelectPlan()) and SelectPlan().pdl == "late"
+    assert default_prefill_plan(128, True) == PrefillPlan(128, 128, 8, 3, tma=True)
+    assert default_prefill_plan(128, False) == PrefillPlan(128, 64, 8, 3, tma=False)
+    with pytest.raises(ValueError, match="head dim 96"):
+        default_prefill_plan(96, False)
+
+
+def test_float64_inputs_raise_naming_the_reference():
+    """The kernels compute on tensor cores in fp32 at most: each wrapper refuses float64 and names
+    the torch reference that takes it."""
+    f64 = dict(dtype=torch.float64, device=DEV)
+    q = torch.randn(1, 1, 2, 64, **f64)
+    kv = torch.randn(1, 1, 64, 64, **f64)
+    L = torch.tensor([40], device=DEV)
     pages = torch.zeros(1, 1, 2, 1, dtype=torch.long, device=DEV)
-    with pytest.raises(ValueError, match="mma=False"):
+    with pytest.raises(ValueError, match="reference.paged_decode"):
         sparse_paged_decode(q, kv[:, :, :4], kv[:, :, :4], kv[:, :, :8], kv[:, :, :8], q, kv, kv, pages,
-                            torch.tensor([40], device=DEV), 4, 8, 64, 0.125, mma=True)
+                            L, 4, 8, 64, 0.125)
+    with pytest.raises(ValueError, match="reference.prefill_attention"):
+        block_sparse_prefill(kv, kv, kv, torch.tensor([False], device=DEV), 4, 8)
+    kmax, kmin = R.page_summaries(kv, L, 4)
+    with pytest.raises(ValueError, match="reference.select_pages"):
+        PS.select_pages(q, kmax, kmin, L, 16, 4, 2)
+    with pytest.raises(ValueError, match="reference.select_pages"):
+        PS.page_scores(q, kmax, kmin, L, 16, 4)
+    with pytest.raises(ValueError, match="reference.page_summaries"):
+        build_page_summaries(kv, L, 16)
+    with pytest.raises(ValueError, match="reference.update_page_summaries"):
+        update_page_summaries(kmax, kmin, q[:, :, 0], L, 4)
 
 
 def test_select_pages_refuses_what_the_dot_scorer_cannot_take():
@@ -555,17 +550,48 @@ def test_serving_select_falls_back_to_the_reference(monkeypatch):
         assert (len(calls) > n) == kernel
 
 
+def test_float64_model_never_reaches_a_kernel(monkeypatch):
+    """With the kernels switched on, a float64 model's chunked prefill and decode steps (page
+    selection past the budget included) take the torch path, so no kernel raises and the logits
+    are the torch backend's."""
+    from conftest import tiny_llama
+    from lserve_hf import LServeCache, LServeConfig, patch_model
+    from lserve_hf import attention as A
+    from lserve_hf import pages as page_ops
+
+    model = tiny_llama(heads=8, kv_heads=4, head_dim=64).to(DEV).double()
+    pattern = torch.tensor([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.6, 0.4]])
+    ids = torch.randint(1, 100, (2, 76), generator=torch.Generator().manual_seed(4)).to(DEV)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    logits = {}
+    for kernel in (False, True):
+        patch_model(model, LServeConfig(streaming_sparsity=0.5, page_size=16, logical_page_size=4,
+                                        token_budget=32, prefill_sink=4, prefill_local=20,
+                                        prefill_chunk_size=29, decode_sink=4, decode_local=8,
+                                        backend="torch", cuda_graphs=False), pattern)
+        if kernel:
+            monkeypatch.setattr(A, "use_triton", lambda backend, x: True)
+            monkeypatch.setattr(page_ops, "use_triton", lambda backend, x: True)
+        cache = LServeCache(model)
+        with torch.no_grad():
+            out = [model(ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache).logits]
+            out.append(model(ids[:, -1:], attention_mask=mask, past_key_values=cache).logits)
+        logits[kernel] = torch.cat(out, 1)
+        monkeypatch.undo()
+    assert logits[True].dtype == torch.float64
+    assert torch.equal(logits[True], logits[False])
+
+
 @gpu
-@MMA
-@pytest.mark.parametrize("pdl", [True, "late"])
-def test_decode_gpu_budget_shape(mma, prefetch, pdl, monkeypatch):
-    from lserve_hf.kernels import sparse_decode as SD
-    monkeypatch.setitem(SD.DECODE_PLAN, "pdl", pdl)
+@pytest.mark.parametrize("pdl", [False, True, "late"])
+def test_decode_gpu_budget_shape(pdl):
     torch.manual_seed(53)
+    plan = DecodePlan(pdl=pdl)
     _check_decode(2, 4, 4, 4, 128, sink=128, local=256, T=16384, ps=64, K=64,
-                  lengths=[16384 - 5, 9000], dtype=torch.bfloat16, mma=mma, prefetch=prefetch)
+                  lengths=[16384 - 5, 9000], dtype=torch.bfloat16, plan=plan)
     _check_decode(1, 4, 4, 8, 128, sink=128, local=256, T=16384, ps=64, K=64,
-                  lengths=[7777], dtype=torch.float32, mma=mma, prefetch=prefetch)
+                  lengths=[7777], dtype=torch.float32, plan=plan)
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.0, 1.0])
