@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from lserve_hf.benchmarks.common import gpu_missing
+
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
                  max_position_embeddings=524288)
@@ -86,6 +88,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSON file of every row")
     ap.add_argument("--plot", default=None, help="PNG of TPOT and TTFT against context length")
     args = ap.parse_args(argv)
+    if gpu_missing("bench_e2e"):
+        return 2
     model = build_model(args.layers)
     L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
     pattern = torch.rand(L, H, generator=torch.Generator().manual_seed(0))

@@ -5,6 +5,7 @@
         --section WarpStateStats python benchmarks/profile_decode.py --tokens 131072
 
 (Nsight Compute replays each captured launch; see benchmarks/NOTES.md for what it showed.)
+Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 
 import torch
 
-from lserve_hf.benchmarks import bench_kernels as B
+from lserve_hf.benchmarks import common as C
 
 
 def main(argv=None) -> int:
@@ -22,17 +23,14 @@ def main(argv=None) -> int:
     ap.add_argument("--streaming", type=float, default=0.5)
     ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args(argv)
-    _, _, select_pages, decode, _ = B._kernels()
-    n_select = B.BUDGET // B.PAGE
+    if C.gpu_missing("profile_decode"):
+        return 2
     torch.manual_seed(0)
-    sets = B._decode_sets(args.tokens, args.streaming, "cuda", n_select)
+    sets = C.decode_sets(args.tokens, args.streaming, C.DEVICE)
     for i in range(args.steps):
         s = sets[i % len(sets)]
-        s["pages"] = select_pages(s["q_retr"], s["kmax"], s["kmin"], s["lengths"], B.PAGE, B.LOGICAL,
-                                  n_select)
-        decode(s["q_stream"], s["sink_k"], s["sink_v"], s["ring_k"], s["ring_v"], s["q_retr"],
-               s["pool_k"], s["pool_v"], s["pages"], s["lengths"], B.DECODE_SINK, B.DECODE_LOCAL,
-               B.PAGE, B.D ** -0.5, out_stream=s["out_s"], out_retr=s["out_r"])
+        s["pages"] = C.select(s)
+        C.decode(s)
     torch.cuda.synchronize()
     return 0
 

@@ -2,6 +2,8 @@
 over a long prompt, one pass against chunked, on a random-weight Llama-3-8B-config model.
 
     python benchmarks/profile_prefill.py --tokens 131072 --layers 4 --chunks 0 16384
+
+Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import torch
 
 from lserve_hf.benchmarks.bench_e2e import build_model, timed
+from lserve_hf.benchmarks.common import gpu_missing
 
 
 @torch.no_grad()
@@ -25,6 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 16384])
     ap.add_argument("--rows", type=int, default=12, help="kernels listed per run")
     args = ap.parse_args(argv)
+    if gpu_missing("profile_prefill"):
+        return 2
     model = build_model(args.layers)
     L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
     pattern = torch.rand(L, H, generator=torch.Generator().manual_seed(0))

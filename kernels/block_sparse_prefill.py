@@ -10,32 +10,70 @@ the key blocks its KV head can see:
 
 Each visited range is split into boundary blocks, where every token is masked exactly, and inner
 blocks, which need no mask. The online softmax is the flash-attention one (base-2 exponentials,
-fp32 accumulation). Reference: :func:`lserve_hf.reference.prefill_attention`.
+fp32 accumulation). Tiles move through per-thread pointer loads (any GPU) or, on Hopper and
+newer, through the tensor copy engine (TMA).
+
+Reference: lserve_hf.reference.prefill_attention.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import triton
 import triton.language as tl
 
+from .launch import check_positive, check_power_of_two, refuse_float64
+
 _BIG = tl.constexpr(1 << 30)  # "no limit" for sink / local / sliding_window: larger than any position difference
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim. D=128: the fastest of
-# benchmarks/bench_kernels.py --sweep on an H200 (2026-11-29, 32K, dense + 50% streaming:
-# 27.17 ms; (128, 64, 8, 4) 27.35, (128, 128, 8, 3) 28.72; earlier (128, 128, 8, 2) 31.5,
-# (128, 64, 4, 3) 45.7). D=64: not swept. Any entry is correct; they only differ in speed.
-PREFILL_CONFIG = {
-    64: (128, 64, 4, 3),
-    128: (128, 64, 8, 3),
-}
-# The same with Q, K, V and O moved by Hopper's tensor copy engine (TMA) instead of per-thread
-# loads: address arithmetic and masks leave the inner loop, and 128-key blocks fit. D=64: not swept.
-PREFILL_CONFIG_TMA = dict(PREFILL_CONFIG)
-PREFILL_CONFIG_TMA[128] = (128, 128, 8, 3)   # H200 sweep 2026-11-29: 32K dense + 50% 25.0 ms (pointer loads 27.3)
-# Launch order, measured on an H200 (2026-11-29, 128K, TMA (128, 128, 8, 3)): head-major 249.9 ms dense,
-# 126.3 ms 50% streaming (local 1024); query-block-major 256.7 and 138.4 (the dense half alone: 124.8).
-PREFILL_ORDER = {"head_major": True}
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """Launch plan of :func:`block_sparse_prefill`: query and key block sizes, warps, pipeline
+    stages, and ``tma``: move tiles with Hopper's tensor copy engine (True), with per-thread
+    pointer loads (False, the portable path), or None: TMA on sm90+ when the layouts allow it.
+    Any plan gives the same result; they differ in speed (:func:`default_prefill_plan`)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    tma: bool | None = None
+
+    def __post_init__(self):
+        check_power_of_two("PrefillPlan", block_m=self.block_m, block_n=self.block_n,
+                           num_warps=self.num_warps)
+        check_positive("PrefillPlan", num_stages=self.num_stages)
+        if min(self.block_m, self.block_n) < 16:
+            raise ValueError(f"PrefillPlan blocks {self.block_m} x {self.block_n}: tensor-core "
+                             "tiles need >= 16")
+        if self.tma not in (None, True, False):
+            raise ValueError(f"PrefillPlan.tma is {self.tma!r}; use True, False or None")
+
+
+# Per (head dim, TMA). D=128: the fastest of the sweep (benchmarks/tune_kernels.py) on an H200
+# (2026-11-29, 32K, dense + 50% streaming): pointer loads (128, 64, 8, 3) 27.17 ms ((128, 64, 8,
+# 4) 27.35, (128, 128, 8, 3) 28.72); TMA (128, 128, 8, 3) 25.03 ms (the 128-key block fits only
+# with TMA's smaller register footprint; (128, 64, 8, 3) 27.37). D=64: not swept.
+_DEFAULT_PREFILL_PLANS = MappingProxyType({
+    (64, False): PrefillPlan(128, 64, 4, 3, tma=False),
+    (64, True): PrefillPlan(128, 64, 4, 3, tma=True),
+    (128, False): PrefillPlan(128, 64, 8, 3, tma=False),
+    (128, True): PrefillPlan(128, 128, 8, 3, tma=True),
+})
+PREFILL_HEAD_DIMS = (64, 128)
+
+
+def default_prefill_plan(head_dim: int, tma: bool) -> PrefillPlan:
+    """The measured default plan for this head dim with (``tma=True``) or without TMA."""
+    plan = _DEFAULT_PREFILL_PLANS.get((int(head_dim), bool(tma)))
+    if plan is None:
+        raise ValueError(f"head dim {head_dim} is not supported (supported: {PREFILL_HEAD_DIMS}); "
+                         "use the torch reference lserve_hf.reference.prefill_attention")
+    return plan
 
 
 def _tma_ok(*tensors) -> bool:
@@ -130,26 +168,22 @@ def _block_sparse_prefill_kernel(
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
-        B, Hq, G, Sq, Skv, q_offset, sink, local, window, qk_scale,
-        HEAD_MAJOR: tl.constexpr, LISTED: tl.constexpr, HAS_START: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        B, G, Sq, Skv, q_offset, sink, local, window, qk_scale,
+        LISTED: tl.constexpr, HAS_START: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
-    if HEAD_MAJOR:
-        # One head's query blocks after another, heads in ORDER (dense heads first): the programs
-        # running together walk the same keys, and the short streaming programs fill the tail.
-        n_m = tl.cdiv(Sq, BLOCK_M)
-        pid = tl.program_id(0)
-        idx = pid // n_m
-        pid_m = n_m - 1 - pid % n_m
-        b = idx % B
-        h = tl.load(ORDER + idx // B)
-        # LISTED: ORDER is the caller's q_heads, G per KV head of K in K's order
-        hk = (idx // B) // G if LISTED else h // G
-    else:
-        pid_bh = tl.program_id(0)
-        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)   # heaviest (latest) query blocks first
-        b = pid_bh // Hq
-        h = pid_bh % Hq
-        hk = h // G
+    # Head-major: one head's query blocks after another (heaviest, latest, first), heads in ORDER
+    # (dense heads first): the programs running together walk the same keys, and the short
+    # streaming programs fill the tail. On an H200 (2026-11-29, 128K, TMA (128, 128, 8, 3)):
+    # 249.9 ms dense, 126.3 ms 50% streaming; all heads of one query block after another 256.7
+    # and 138.4.
+    n_m = tl.cdiv(Sq, BLOCK_M)
+    pid = tl.program_id(0)
+    idx = pid // n_m
+    pid_m = n_m - 1 - pid % n_m
+    b = idx % B
+    h = tl.load(ORDER + idx // B)
+    # LISTED: ORDER is the caller's q_heads, G per KV head of K in K's order
+    hk = (idx // B) // G if LISTED else h // G
 
     start = 0
     if HAS_START:
@@ -233,40 +267,44 @@ def _block_sparse_prefill_kernel(
 
 
 def block_sparse_prefill(q, k, v, streaming, sink, local, q_offset=0, kv_start=None, scale=None,
-                         sliding_window=None, out=None, *, config=None, tma=None, head_major=None,
+                         sliding_window=None, out=None, *, plan: PrefillPlan | None = None,
                          q_heads=None):
     """LServe prefill attention in one launch; same result as ``reference.prefill_attention``.
 
-    q ``[B, Hq, Sq, D]``; k, v ``[B, Hkv, Skv, D]`` (Hq a multiple of Hkv, KV never repeated);
-    ``streaming`` bool ``[Hkv]``; query i sits at position ``q_offset + i``; ``kv_start`` int
-    ``[B]`` masks each row's keys before it (sinks count from it); ``sliding_window`` bounds every
-    head. ``out`` (``[B, Hq, Sq, D]``, q's dtype) is written in full when given. ``config``
-    overrides ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (for tuning). ``tma``: move tiles with
-    the tensor copy engine; None (default) = on Hopper and newer when the layouts allow it.
-    ``head_major``: launch order, one head's query blocks after another with the dense heads
-    first (True), or all heads of one query block after another (False); None: ``PREFILL_ORDER``.
-    ``q_heads``: compute only these query heads of q (int ``[Hkv * G]``, the G heads of k's KV head
-    j at ``j*G .. j*G + G-1``) and write only them into ``out``: a prompt chunk whose two head kinds
-    keep their keys in different stores runs one call per store without copying q or out."""
+    q ``[B, Hq, Sq, D]``; k, v ``[B, Hkv, Skv, D]`` (Hq a multiple of Hkv, KV never repeated;
+    fp16, bf16 or fp32; D 64 or 128); ``streaming`` bool ``[Hkv]``; query i sits at position
+    ``q_offset + i``; ``kv_start`` int ``[B]`` masks each row's keys before it (sinks count from
+    it); ``sliding_window`` bounds every head. ``out`` (``[B, Hq, Sq, D]``, q's dtype) is written
+    in full when given. ``plan``: launch parameters; None: :func:`default_prefill_plan` for D,
+    with TMA on Hopper and newer when the layouts allow it (a plan's ``tma=True`` raises where
+    they do not). ``q_heads``: compute only these query heads of q (int ``[Hkv * G]``, the G
+    heads of k's KV head j at ``j*G .. j*G + G-1``) and write only them into ``out``: a prompt
+    chunk whose two head kinds keep their keys in different stores runs one call per store
+    without copying q or out."""
+    refuse_float64("block_sparse_prefill", "lserve_hf.reference.prefill_attention", q, k, v)
     B, Hq, Sq, D = q.shape
     Bk, Hkv, Skv, Dk = k.shape
     n_heads = Hq if q_heads is None else q_heads.numel()
     if Bk != B or Dk != D or v.shape != k.shape or n_heads % max(Hkv, 1):
         raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
                          "[B, Hq, Sq, D] / [B, Hkv, Skv, D] with Hq (or len(q_heads)) a multiple of Hkv")
-    if D not in PREFILL_CONFIG:
-        raise ValueError(f"head dim {D} is not supported (supported: {sorted(PREFILL_CONFIG)})")
+    if D not in PREFILL_HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported (supported: {PREFILL_HEAD_DIMS}); use the "
+                         "torch reference lserve_hf.reference.prefill_attention")
     if streaming.numel() != Hkv:
         raise ValueError(f"streaming has {streaming.numel()} entries for {Hkv} KV heads")
     if out is None:
         out = torch.empty_like(q)
     scale = D ** -0.5 if scale is None else float(scale)
+    tma = plan.tma if plan is not None else None
     if tma is None:
         tma = _use_tma(q, k, v, out)
     elif tma and not _tma_ok(q, k, v, out):
         raise ValueError("tma=True needs 2-byte q/k/v/out with unit stride in the head dim and "
                          "16-byte aligned bases and strides")
-    bm, bn, warps, stages = config if config is not None else (PREFILL_CONFIG_TMA if tma else PREFILL_CONFIG)[D]
+    if plan is None:
+        plan = default_prefill_plan(D, tma)
+    bm, bn = plan.block_m, plan.block_n
     stream = streaming.to(device=q.device, dtype=torch.int8)
     has_start = kv_start is not None
     start = kv_start.to(device=q.device, dtype=torch.int32) if has_start else stream
@@ -275,25 +313,20 @@ def block_sparse_prefill(q, k, v, streaming, sink, local, q_offset=0, kv_start=N
     if Sq == 0 or B * n_heads == 0:
         return out
     G = n_heads // Hkv
-    if head_major is None:
-        head_major = PREFILL_ORDER["head_major"]
     if q_heads is not None:
-        head_major = True   # the listed heads are what the head-major grid walks
         order = q_heads.to(device=q.device, dtype=torch.int32)
-    elif head_major:
-        order = torch.argsort(stream.repeat_interleave(G), stable=True).to(torch.int32)
     else:
-        order = stream   # unused
-    grid = (B * n_heads * triton.cdiv(Sq, bm),) if head_major else (B * Hq, triton.cdiv(Sq, bm))
+        order = torch.argsort(stream.repeat_interleave(G), stable=True).to(torch.int32)
     if tma:
         descs = (_descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn), _descriptor(out, bm))
     else:
         descs = (q, k, v, out)   # unused
-    _block_sparse_prefill_kernel[grid](
+    _block_sparse_prefill_kernel[(B * n_heads * triton.cdiv(Sq, bm),)](
         q, k, v, out, *descs, stream, start, order,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        B, Hq, G, Sq, Skv, int(q_offset), int(sink), int(local), window,
+        B, G, Sq, Skv, int(q_offset), int(sink), int(local), window,
         scale * 1.4426950408889634,
-        HEAD_MAJOR=bool(head_major), LISTED=q_heads is not None, HAS_START=has_start, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PREC=prec, UPCAST=q.device.type == "cpu",
-        TMA=bool(tma), num_warps=warps, num_stages=stages)
+        LISTED=q_heads is not None, HAS_START=has_start, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D,
+        PREC=prec, UPCAST=q.device.type == "cpu", TMA=bool(tma),
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
     return out

@@ -3,8 +3,9 @@
 For each logical page of each retrieval KV head, the per-channel max and min of its keys.
 :func:`build_page_summaries` makes them at prefill; :func:`update_page_summaries` folds one new
 decode token per row into its page in place. An empty page holds max -inf and min +inf, so an
-update needs no branch. References: :func:`lserve_hf.reference.page_summaries` and
-:func:`lserve_hf.reference.update_page_summaries`.
+update needs no branch. Max and min run in fp32, exact for fp16, bf16 and fp32 keys.
+
+Reference: lserve_hf.reference.page_summaries and lserve_hf.reference.update_page_summaries.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .launch import refuse_float64
 
 
 @triton.jit
@@ -73,6 +76,7 @@ def build_page_summaries(keys: torch.Tensor, lengths: torch.Tensor, logical_page
     """(kmax, kmin), each ``[B, H, T // logical_page_size, D]`` in keys' dtype, of keys
     ``[B, H, T, D]`` (T a multiple of the logical page size); tokens ``t >= lengths[b]`` do not
     count and a page with none holds -inf / +inf."""
+    refuse_float64("build_page_summaries", "lserve_hf.reference.page_summaries", keys)
     B, H, T, D = keys.shape
     lp = int(logical_page_size)
     if T % lp:
@@ -97,6 +101,8 @@ def update_page_summaries(kmax: torch.Tensor, kmin: torch.Tensor, new_keys: torc
     """In place: fold ``new_keys`` ``[B, H, D]`` (or ``[B, H, 1, D]``), the token at index
     ``positions[b]`` of row b, into logical page ``positions[b] // logical_page_size`` of
     ``kmax``/``kmin`` ``[B, H, NL, D]`` by max / min. A position outside the pages is ignored."""
+    refuse_float64("update_page_summaries", "lserve_hf.reference.update_page_summaries",
+                   kmax, kmin, new_keys)
     if new_keys.dim() == 4:
         new_keys = new_keys.squeeze(2)
     B, H, NL, D = kmax.shape

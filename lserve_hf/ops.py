@@ -49,16 +49,15 @@ def kernels_run(cfg, x: torch.Tensor) -> bool:
     return kernels.TRITON_AVAILABLE
 
 
-def _supported(cfg, op: str, x: torch.Tensor, head_dims=None) -> bool:
-    """Whether ``op``'s kernel takes ``x`` (dtype, head dim); says once (or raises for
-    backend='triton') when it does not."""
+def _supported(cfg, op: str, x: torch.Tensor, head_dims=None, why: str | None = None) -> bool:
+    """Whether ``op``'s kernel takes ``x`` (dtype, head dim; ``why``: a reason of the op's own);
+    says once (or raises for backend='triton') when it does not."""
     D = x.shape[-1]
-    why = None
-    if x.dtype == torch.float64:
+    if why is None and x.dtype == torch.float64:
         why = "float64"
-    elif head_dims is not None and D not in head_dims:
+    elif why is None and head_dims is not None and D not in head_dims:
         why = f"head dim {D} (supported: {', '.join(map(str, head_dims))})"
-    elif D & (D - 1) or D < 16:
+    elif why is None and (D & (D - 1) or D < 16):
         why = f"head dim {D} (a power of two >= 16 is needed)"
     if why is None:
         return True
@@ -110,8 +109,12 @@ def update_summaries(kmax, kmin, new_k, positions, cfg) -> None:
 def select_pages(q, kmax, kmin, lengths, n_select, cfg) -> torch.Tensor:
     """Pages per retrieval query head, ``[B, Hr, G, n_select]`` (``reference.select_pages``)."""
     kernels = _kernels_for(cfg, q)
-    if kernels is not None and _supported(cfg, "page selection", q):
-        return kernels.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select)
+    if kernels is not None:
+        from .kernels.page_selector import unsupported
+
+        why = unsupported(q, cfg.page_size, cfg.logical_page_size) if q.dtype != torch.float64 else None
+        if _supported(cfg, "page selection", q, why=why):
+            return kernels.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select)
     return reference.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from dataclasses import astuple, replace
 
 import pytest
 import torch
@@ -26,14 +27,26 @@ pytest.importorskip("triton")
 
 from lserve_hf import reference as R  # noqa: E402
 from lserve_hf.kernels import page_selector as PS  # noqa: E402
-from lserve_hf.kernels.block_sparse_prefill import block_sparse_prefill  # noqa: E402
+from lserve_hf.kernels.block_sparse_prefill import (PrefillPlan, block_sparse_prefill,  # noqa: E402
+                                                    default_prefill_plan)
+from lserve_hf.kernels.page_selector import SelectPlan  # noqa: E402
 from lserve_hf.kernels.page_summary import build_page_summaries, update_page_summaries  # noqa: E402
-from lserve_hf.kernels.sparse_decode import sparse_paged_decode  # noqa: E402
+from lserve_hf.kernels.sparse_decode import DecodePlan, sparse_paged_decode  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 # Small blocks so that tiny CPU shapes still span many key / query blocks.
-SMALL = (32, 16, 4, 1)
+SMALL = PrefillPlan(32, 16, 4, 1)
+
+
+@pytest.fixture
+def kernels_everywhere(monkeypatch):
+    """Route every LServe operation the kernels take to them, CPU tensors included (the
+    interpreter runs them there), whatever the config's backend."""
+    from lserve_hf import kernels, ops
+
+    monkeypatch.setattr(ops, "_kernels_for", lambda cfg, x: kernels)
+    return monkeypatch
 
 
 def rel_err(out, ref):
@@ -52,8 +65,7 @@ def _randn(*shape, dtype):
 # --------------------------------------------------------------------------------- prefill
 
 def _check_prefill(B, Hq, Hkv, Sq, Skv, D, streaming, sink, local, q_offset=0, kv_start=None,
-                   sliding_window=None, dtype=torch.float32, config=SMALL, scale=None, tma=None,
-                   head_major=None):
+                   sliding_window=None, dtype=torch.float32, plan=SMALL, scale=None):
     q = _randn(B, Hq, Sq, D, dtype=dtype)
     k = _randn(B, Hkv, Skv, D, dtype=dtype)
     v = _randn(B, Hkv, Skv, D, dtype=dtype)
@@ -61,7 +73,7 @@ def _check_prefill(B, Hq, Hkv, Sq, Skv, D, streaming, sink, local, q_offset=0, k
     start = None if kv_start is None else torch.tensor(kv_start, device=DEV)
     out = torch.full_like(q, float("nan"))                      # poisoned: every element must be written
     got = block_sparse_prefill(q, k, v, stream, sink, local, q_offset, start, scale, sliding_window,
-                               out=out, config=config, tma=tma, head_major=head_major)
+                               out=out, plan=plan)
     assert got.data_ptr() == out.data_ptr() and got.dtype == dtype
     assert not torch.isnan(out).any()
     ref = R.prefill_attention(q.double(), k.double(), v.double(), stream, sink, local, q_offset,
@@ -78,12 +90,11 @@ def test_prefill_gqa_mixed_heads(G, D):
     _check_prefill(1, 2 * G, 2, 75, 75, D, [True, False], sink=5, local=21)
 
 
-@pytest.mark.parametrize("head_major", [False, True])
-def test_prefill_offset_kv_start_chunked(head_major):
+def test_prefill_offset_kv_start_chunked():
     torch.manual_seed(1)
-    # a query chunk at offset 61 into a 131-key cache, left padding per row; both launch orders
+    # a query chunk at offset 61 into a 131-key cache, left padding per row
     _check_prefill(2, 8, 2, 70, 131, 64, [True, False], sink=7, local=19, q_offset=61,
-                   kv_start=[0, 13], head_major=head_major)
+                   kv_start=[0, 13])
 
 
 def test_prefill_all_streaming_and_all_dense():
@@ -102,17 +113,16 @@ def test_prefill_bf16_default_blocks():
     torch.manual_seed(4)
     # the tuned (Hopper) block sizes, with a local window that is not a block multiple
     _check_prefill(1, 4, 2, 150, 150, 64, [True, False], sink=9, local=70, dtype=torch.bfloat16,
-                   config=None)
+                   plan=None)
 
 
 @pytest.mark.parametrize("case", ["gqa8_d64", "gqa4_d128_offset_start", "gqa1_window_all_streaming"])
-@pytest.mark.parametrize("head_major", [False, True])
-def test_prefill_tma_path(case, head_major):
+def test_prefill_tma_path(case):
     """Tiles moved by tensor descriptors (Hopper's copy engine; the interpreter emulates it): keys
     past the cache and query rows past the chunk come back as zeros, output rows past it are
     clipped, so odd lengths, chunk offsets and padding give the reference result."""
     torch.manual_seed(40 + len(case))
-    kw = dict(dtype=torch.bfloat16, tma=True, head_major=head_major)
+    kw = dict(dtype=torch.bfloat16, plan=replace(SMALL, tma=True))
     if case == "gqa8_d64":
         _check_prefill(1, 16, 2, 75, 75, 64, [True, False], sink=5, local=21, **kw)
     elif case == "gqa4_d128_offset_start":
@@ -127,11 +137,11 @@ def test_prefill_tma_refuses_unaligned_layouts():
     stream = torch.tensor([False, True], device=DEV)
     q = _randn(1, 2, 8, 64, dtype=torch.float32)                     # 4-byte elements
     with pytest.raises(ValueError, match="tma=True"):
-        block_sparse_prefill(q, q, q, stream, 4, 4, tma=True)
+        block_sparse_prefill(q, q, q, stream, 4, 4, plan=default_prefill_plan(64, tma=True))
     flat = _randn(2 * 8 * 64 + 1, dtype=torch.bfloat16)
     shifted = flat[1:].view(1, 2, 8, 64)                              # base 2 bytes off alignment
     with pytest.raises(ValueError, match="tma=True"):
-        block_sparse_prefill(shifted, shifted, shifted, stream, 4, 4, tma=True)
+        block_sparse_prefill(shifted, shifted, shifted, stream, 4, 4, plan=replace(SMALL, tma=True))
 
 
 @pytest.mark.parametrize("dtype,tma", [(torch.float32, False), (torch.bfloat16, True)])
@@ -148,8 +158,8 @@ def test_prefill_q_heads_subset(dtype, tma):
     stream = torch.tensor([True, False], device=DEV)
     start = torch.tensor([0, 9], device=DEV)
     out = torch.full_like(q, float("nan"))
-    block_sparse_prefill(q, k, v, stream, 5, 13, T - S, start, out=out, q_heads=q_heads, tma=tma,
-                         config=SMALL)
+    block_sparse_prefill(q, k, v, stream, 5, 13, T - S, start, out=out, q_heads=q_heads,
+                         plan=replace(SMALL, tma=tma))
     ref = R.prefill_attention(q[:, q_heads].double(), k.double(), v.double(), stream, 5, 13, T - S, start)
     assert rel_err(out[:, q_heads], ref) < _tol(dtype)
     others = [h for h in range(Hq) if h not in q_heads.tolist()]
@@ -161,8 +171,7 @@ def test_chunked_prefill_through_the_kernel_equals_torch_path(sparsity, monkeypa
     """A patched model's chunked prefill through the kernel (one launch per head kind, queries
     and output in place) gives the torch path's logits: left padding, chunks of 29 tokens."""
     from conftest import tiny_llama
-    from lserve_hf import LServeConfig, kernels, patch_model
-    from lserve_hf import attention as A
+    from lserve_hf import LServeConfig, kernels, ops, patch_model
 
     calls = []
 
@@ -182,7 +191,7 @@ def test_chunked_prefill_through_the_kernel_equals_torch_path(sparsity, monkeypa
                            backend="torch", cuda_graphs=False)
         patch_model(model, cfg, pattern)
         if kernel:
-            monkeypatch.setattr(A, "use_triton", lambda backend, x: True)
+            monkeypatch.setattr(ops, "_kernels_for", lambda cfg, x: kernels)
             monkeypatch.setattr(kernels, "block_sparse_prefill", counted)
         with torch.no_grad():
             logits[kernel] = model(ids, attention_mask=mask).logits.double()
@@ -218,7 +227,7 @@ def test_prefill_streaming_heads_skip_far_blocks():
     kp[:, :, 32:96] = float("nan")
     vp[:, :, 32:96] = float("nan")
     out = block_sparse_prefill(q[:, :, 128:], kp, vp, stream, sink, local, q_offset=128,
-                               config=(bm, bn, 4, 1))
+                               plan=PrefillPlan(bm, bn, 4, 1))
     assert not torch.isnan(out).any()
     assert rel_err(out, ref[:, :, 128:]) < 1e-5
 
@@ -228,9 +237,9 @@ def test_prefill_streaming_heads_skip_far_blocks():
 def test_prefill_gpu_default_config(D):
     torch.manual_seed(7)
     _check_prefill(1, 8, 2, 1999, 2411, D, [True, False], sink=128, local=333, q_offset=412,
-                   kv_start=[17], dtype=torch.bfloat16, config=None)
+                   kv_start=[17], dtype=torch.bfloat16, plan=None)
     _check_prefill(2, 8, 8, 1500, 1500, D, [True, False] * 4, sink=64, local=700,
-                   dtype=torch.float16, config=None, sliding_window=1100)
+                   dtype=torch.float16, plan=None, sliding_window=1100)
 
 
 # --------------------------------------------------------------------------- page summaries
@@ -282,21 +291,15 @@ def _summaries(B, Hkv, T, D, lengths, lp, dtype, integer, repeat_pages=0, page_s
     return R.page_summaries(keys, torch.tensor(lengths, device=DEV), lp)
 
 
-@pytest.mark.parametrize("topk,min_chunk,dtype", [("sort", 16, torch.float32),
-                                                  ("sort", 1024, torch.bfloat16),
-                                                  ("auto", 1024, torch.float32),
-                                                  ("auto", 1024, torch.bfloat16),
-                                                  ("radix", 1024, torch.float32),
-                                                  ("radix", 1024, torch.bfloat16)])
-@pytest.mark.parametrize("score,partial", [("fma", False), ("dot", False), ("dot", True)])
-def test_select_pages_exact_with_ties(monkeypatch, topk, min_chunk, dtype, score, partial):
+@pytest.mark.parametrize("chunk,dtype", [(16, torch.float32), (512, torch.bfloat16)])
+@pytest.mark.parametrize("partial", [False, True])
+def test_select_pages_exact_with_ties(chunk, dtype, partial):
     """Integer-valued q and keys make every sum exact and ties frequent: the selection must equal
-    the reference's stable sort element for element (last page first, ties to the lower page)."""
-    if partial and (topk != "sort" or not hasattr(PS.tl, "topk")):
-        pytest.skip("partial sorting is an option of the sorting top-k, with Triton's tl.topk")
-    monkeypatch.setattr(PS, "_MIN_CHUNK", min_chunk)   # 16: several top-k chunks and a merge
-    monkeypatch.setitem(PS.SELECT_PLAN, "score", score)
-    monkeypatch.setitem(PS.SELECT_PLAN, "partial_sort", partial)
+    the reference's stable sort element for element (last page first, ties to the lower page).
+    Chunks of 16 keys: several top-k chunks and a merge round; 512 (the default): one round."""
+    if partial and not hasattr(PS.tl, "topk"):
+        pytest.skip("partial sorting needs Triton's tl.topk")
+    plan = SelectPlan(chunk=chunk, partial_sort=partial)
     torch.manual_seed(30)
     B, Hkv, G, D, T, ps, lp = 2, 2, 2, 64, 768, 16, 4
     lengths = [757, 161]
@@ -304,7 +307,7 @@ def test_select_pages_exact_with_ties(monkeypatch, topk, min_chunk, dtype, score
     q = torch.randint(-1, 2, (B, Hkv, G, D), device=DEV).to(dtype)
     L = torch.tensor(lengths, device=DEV)
     for n_select in (1, 5, 12):
-        got = PS.select_pages(q, kmax, kmin, L, ps, lp, n_select, topk=topk)
+        got = PS.select_pages(q, kmax, kmin, L, ps, lp, n_select, plan=plan)
         ref = R.select_pages(q, kmax, kmin, L, ps, lp, n_select)
         assert got.dtype == torch.int64 and torch.equal(got, ref), n_select
     scores = R.page_scores(q, kmax, kmin, L, ps, lp)
@@ -324,43 +327,34 @@ def test_select_pages_fewer_pages_than_slots_and_empty_row():
     assert torch.equal(got[..., 4:], torch.arange(4, 7, device=DEV).expand(B, Hkv, G, 3))
 
 
-@pytest.mark.parametrize("score", ["fma", "dot"])
-def test_select_pages_random_float(monkeypatch, score):
+def test_select_pages_random_float():
     """Random floats: the kernel's scores match the reference's to rounding, and its ranking is
     exactly the reference's stable sort of those scores (whatever the summation order)."""
-    monkeypatch.setattr(PS, "_MIN_CHUNK", 32)
-    monkeypatch.setitem(PS.SELECT_PLAN, "score", score)
+    plan = SelectPlan(chunk=32)
     torch.manual_seed(32)
     B, Hkv, G, D, T, ps, lp = 2, 2, 4, 128, 1024, 16, 4
     lengths = [1001, 333]
     kmax, kmin = _summaries(B, Hkv, T, D, lengths, lp, torch.float32, integer=False)
     q = _randn(B, Hkv, G, D, dtype=torch.float32)
     L = torch.tensor(lengths, device=DEV)
-    scores = PS.page_scores(q, kmax, kmin, L, ps, lp)
+    scores = PS.page_scores(q, kmax, kmin, L, ps, lp, plan=plan)
     ref_scores = R.page_scores(q.double(), kmax.double(), kmin.double(), L, ps, lp)
     fin = torch.isfinite(ref_scores)
     assert torch.equal(fin, torch.isfinite(scores))
     assert torch.allclose(scores[fin].double(), ref_scores[fin], rtol=1e-5, atol=1e-4)
-    got = PS.select_pages(q, kmax, kmin, L, ps, lp, 9)
-    assert torch.equal(got, PS.select_pages(q, kmax, kmin, L, ps, lp, 9, topk="auto"))
-    assert torch.equal(got, PS.select_pages(q, kmax, kmin, L, ps, lp, 9, topk="radix"))
+    got = PS.select_pages(q, kmax, kmin, L, ps, lp, 9, plan=plan)
     n_pages = (L + ps - 1) // ps
     last = torch.arange(scores.shape[-1], device=DEV).view(1, -1) == (n_pages - 1).view(-1, 1)
     ranked = torch.sort(scores.masked_fill(last.view(B, 1, 1, -1), float("inf")), dim=-1,
                         descending=True, stable=True).indices[..., :9]
     assert torch.equal(got, ranked)
-    # and with float64 queries the kernel scores in float64, equal to the reference
-    got64 = PS.select_pages(q.double(), kmax.double(), kmin.double(), L, ps, lp, 9)
-    assert torch.equal(got64, R.select_pages(q.double(), kmax.double(), kmin.double(), L, ps, lp, 9))
 
 
 @gpu
 @pytest.mark.parametrize("pdl,partial", [(False, False), (True, False), ("late", False), ("late", True)])
-def test_select_pages_gpu_long_context(pdl, partial, monkeypatch):
-    """128K context, every top-k on the GPU, under each PDL mode and with partial sorting."""
-    from lserve_hf.kernels import launch
-    monkeypatch.setitem(launch.PDL, "select", pdl)
-    monkeypatch.setitem(PS.SELECT_PLAN, "partial_sort", partial)
+def test_select_pages_gpu_long_context(pdl, partial):
+    """128K context on the GPU, under each PDL mode and with partial sorting."""
+    plan = SelectPlan(pdl=pdl, partial_sort=partial)
     torch.manual_seed(33)
     B, Hkv, G, D, ps, lp = 1, 8, 4, 128, 64, 16
     T = 128 * 1024
@@ -369,9 +363,7 @@ def test_select_pages_gpu_long_context(pdl, partial, monkeypatch):
     q = torch.randint(-2, 3, (B, Hkv, G, D), device=DEV).to(torch.bfloat16)
     L = torch.tensor(lengths, device=DEV)
     ref = R.select_pages(q, kmax, kmin, L, ps, lp, 64)
-    assert torch.equal(PS.select_pages(q, kmax, kmin, L, ps, lp, 64, topk="auto"), ref)
-    assert torch.equal(PS.select_pages(q, kmax, kmin, L, ps, lp, 64, topk="sort"), ref)
-    assert torch.equal(PS.select_pages(q, kmax, kmin, L, ps, lp, 64, topk="radix"), ref)
+    assert torch.equal(PS.select_pages(q, kmax, kmin, L, ps, lp, 64, plan=plan), ref)
 
 
 # ---------------------------------------------------------------------------------- decode
@@ -420,133 +412,202 @@ def _check_decode(B, Hs, Hr, G, D, sink, local, T, ps, K, lengths, dtype=torch.f
         assert rel_err(out_r, ref) < _tol(dtype)
 
 
-# the per-thread kernel, the tensor-core kernel, and the latter with page numbers loaded first
-MMA = pytest.mark.parametrize("mma,prefetch", [(False, None), (True, False), (True, True)],
-                              ids=["fma", "mma", "mma-prefetch"])
-
-
-@MMA
 @pytest.mark.parametrize("G,D", [(1, 64), (4, 128), (8, 64)])
-def test_decode_mixed_heads(G, D, mma, prefetch):
+def test_decode_mixed_heads(G, D):
     torch.manual_seed(40 + G)
     # lengths cross page boundaries (partial last pages), one short row, ring wrapped in row 0
-    _check_decode(2, 2, 2, G, D, sink=5, local=13, T=96, ps=16, K=4, lengths=[91, 9], mma=mma,
-                  prefetch=prefetch)
+    _check_decode(2, 2, 2, G, D, sink=5, local=13, T=96, ps=16, K=4, lengths=[91, 9])
 
 
-@MMA
 @pytest.mark.parametrize("n_split", [1, 3, None])
-def test_decode_splits(n_split, mma, prefetch):
+def test_decode_splits(n_split):
     torch.manual_seed(50)
     _check_decode(3, 1, 2, 2, 64, sink=4, local=24, T=128, ps=16, K=6, lengths=[128, 45, 17],
-                  n_split=n_split, mma=mma, prefetch=prefetch)
+                  plan=DecodePlan(n_split=n_split))
 
 
-@MMA
-@pytest.mark.parametrize("n_split", [3, None])
-def test_decode_fused_combine(n_split, mma, prefetch):
-    """Splits merged inside the decode launch (per-head counters): right twice in a row, so the
-    counters are back at zero after a call."""
-    for seed in (51, 52):
-        torch.manual_seed(seed)
-        _check_decode(3, 1, 2, 2, 64, sink=4, local=24, T=128, ps=16, K=6, lengths=[128, 45, 17],
-                      n_split=n_split, fused_combine=True, mma=mma, prefetch=prefetch)
-
-
-@MMA
-def test_decode_only_retrieval_or_only_streaming(mma, prefetch):
+def test_decode_only_retrieval_or_only_streaming():
     torch.manual_seed(51)
-    kw = dict(mma=mma, prefetch=prefetch)
-    _check_decode(2, 0, 3, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 33], n_split=2, **kw)
-    _check_decode(2, 3, 0, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 3], n_split=2, **kw)
-    _check_decode(2, 2, 0, 2, 64, sink=0, local=8, T=80, ps=16, K=4, lengths=[70, 3], **kw)
+    split2 = DecodePlan(n_split=2)
+    _check_decode(2, 0, 3, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 33], plan=split2)
+    _check_decode(2, 3, 0, 4, 64, sink=4, local=8, T=80, ps=16, K=4, lengths=[70, 3], plan=split2)
+    _check_decode(2, 2, 0, 2, 64, sink=0, local=8, T=80, ps=16, K=4, lengths=[70, 3])
 
 
-@MMA
-def test_decode_bf16_odd_page(mma, prefetch):
+def test_decode_bf16_odd_page():
     torch.manual_seed(52)
     # page of 24 tokens (not a power of two), bf16
     _check_decode(2, 2, 2, 2, 128, sink=6, local=10, T=96, ps=24, K=3, lengths=[95, 30],
-                  dtype=torch.bfloat16, mma=mma, prefetch=prefetch)
+                  dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-@pytest.mark.parametrize("n_split,fused", [(1, False), (3, False), (None, True)])
-def test_decode_tma_pages(n_split, fused, prefetch):
-    """Retrieval pages through tensor descriptors (the copy engine on sm90+; the interpreter on
-    CPU): partial last pages, empty slots, poisoned tokens past the length and unselected pages."""
+@pytest.mark.parametrize("n_split", [1, 3, None])
+def test_decode_bf16_gqa4_splits(n_split):
+    """bf16 with a GQA group of 4: partial last pages, empty slots, poisoned tokens past the
+    length and unselected pages, with one split (output written directly), three, or automatic."""
     torch.manual_seed(54)
     _check_decode(2, 2, 2, 4, 64, sink=5, local=21, T=160, ps=16, K=5, lengths=[157, 40],
-                  dtype=torch.bfloat16, mma=True, tma=True, n_split=n_split, fused_combine=fused,
-                  prefetch=prefetch)
-
-
-def test_decode_tma_refuses_odd_page():
-    L, qs, sk, sv, rk, rv, qr, pk, pv, pages = _decode_inputs(1, 1, 1, 2, 64, 4, 8, 96, 24, 2, [90],
-                                                              torch.bfloat16)
-    with pytest.raises(ValueError, match="power-of-two page"):
-        sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, 4, 8, 24, 0.125, mma=True, tma=True)
-    with pytest.raises(ValueError, match="mma=True"):
-        sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, 4, 8, 24, 0.125, mma=False, tma=True)
-    with pytest.raises(ValueError, match="mma=True"):
-        sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, 4, 8, 24, 0.125, mma=False,
-                            prefetch=True)
+                  dtype=torch.bfloat16, plan=DecodePlan(n_split=n_split))
 
 
 def test_pdl_only_on_hopper_gpus(monkeypatch):
-    """Programmatic dependent launch is asked for only on an sm90+ GPU and only for the kernel
-    families switched on; the interpreter and older GPUs launch plainly."""
+    """Programmatic dependent launch is asked for only on an sm90+ GPU and only when the plan's
+    mode is on; the interpreter and older GPUs launch plainly."""
     from lserve_hf.kernels import launch
-    assert launch.pdl_options(torch.device("cpu"), "decode") == {}
+    assert launch.pdl_options(torch.device("cpu"), True) == {}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert launch.pdl_options(torch.device("cuda", 0), "decode") == {}
+    assert launch.pdl_options(torch.device("cuda", 0), True) == {}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(launch, "_triton_has_pdl", lambda: True)
-    monkeypatch.setitem(launch.PDL, "decode", True)
-    monkeypatch.setitem(launch.PDL, "select", False)
-    assert launch.pdl_options(torch.device("cuda", 0), "decode") == {"launch_pdl": True}
-    assert launch.pdl_options(torch.device("cuda", 0), "select") == {}
-    assert launch.gdc_mode({}, "decode") == 0
-    assert launch.gdc_mode({"launch_pdl": True}, "decode") == 1
-    monkeypatch.setitem(launch.PDL, "decode", "late")
-    assert launch.pdl_options(torch.device("cuda", 0), "decode") == {"launch_pdl": True}
-    assert launch.gdc_mode({"launch_pdl": True}, "decode") == 2
-    monkeypatch.setitem(launch.PDL, "decode", "Late")
-    with pytest.raises(ValueError, match="late"):
-        launch.gdc_mode({}, "decode")
+    assert launch.pdl_options(torch.device("cuda", 0), True) == {"launch_pdl": True}
+    assert launch.pdl_options(torch.device("cuda", 0), False) == {}
+    assert launch.gdc_mode({}, True) == 0
+    assert launch.gdc_mode({"launch_pdl": True}, True) == 1
+    assert launch.pdl_options(torch.device("cuda", 0), "late") == {"launch_pdl": True}
+    assert launch.gdc_mode({"launch_pdl": True}, "late") == 2
+    monkeypatch.setattr(launch, "_triton_has_pdl", lambda: False)
+    assert launch.pdl_options(torch.device("cuda", 0), True) == {}
 
 
-def test_decode_mma_refuses_float64():
-    q = torch.randn(1, 1, 2, 64, dtype=torch.float64, device=DEV)
-    kv = torch.randn(1, 1, 64, 64, dtype=torch.float64, device=DEV)
+@pytest.mark.parametrize("make", [
+    lambda: DecodePlan(pdl="Late"), lambda: SelectPlan(pdl="on"), lambda: SelectPlan(pdl=None),
+    lambda: DecodePlan(n_split=0), lambda: DecodePlan(block_t=48), lambda: DecodePlan(block_t=8),
+    lambda: DecodePlan(num_warps=3), lambda: DecodePlan(target_programs=0),
+    lambda: SelectPlan(chunk=48), lambda: SelectPlan(score_dot_rows=0),
+    lambda: SelectPlan(partial_sort="yes"), lambda: PrefillPlan(128, 48, 8, 3),
+    lambda: PrefillPlan(8, 16, 4, 1), lambda: PrefillPlan(32, 16, 4, 0),
+    lambda: PrefillPlan(32, 16, 4, 1, tma="auto")])
+def test_invalid_plans_raise(make):
+    with pytest.raises(ValueError, match="Plan"):
+        make()
+
+
+def test_plans_are_frozen_with_documented_defaults():
+    from lserve_hf import kernels
+    with pytest.raises(AttributeError):
+        kernels.DEFAULT_DECODE_PLAN.n_split = 3
+    # compared field by field: the modules may have been reloaded for the interpreter (above)
+    assert astuple(kernels.DEFAULT_DECODE_PLAN) == astuple(DecodePlan()) and DecodePlan().pdl is True
+    assert astuple(kernels.DEFAULT_SELECT_PLAN) == astuple(SelectPlan()) and SelectPlan().pdl == "late"
+    assert default_prefill_plan(128, True) == PrefillPlan(128, 128, 8, 3, tma=True)
+    assert default_prefill_plan(128, False) == PrefillPlan(128, 64, 8, 3, tma=False)
+    with pytest.raises(ValueError, match="head dim 96"):
+        default_prefill_plan(96, False)
+
+
+def test_float64_inputs_raise_naming_the_reference():
+    """The kernels compute on tensor cores in fp32 at most: each wrapper refuses float64 and names
+    the torch reference that takes it."""
+    f64 = dict(dtype=torch.float64, device=DEV)
+    q = torch.randn(1, 1, 2, 64, **f64)
+    kv = torch.randn(1, 1, 64, 64, **f64)
+    L = torch.tensor([40], device=DEV)
     pages = torch.zeros(1, 1, 2, 1, dtype=torch.long, device=DEV)
-    with pytest.raises(ValueError, match="mma=False"):
+    with pytest.raises(ValueError, match="reference.paged_decode"):
         sparse_paged_decode(q, kv[:, :, :4], kv[:, :, :4], kv[:, :, :8], kv[:, :, :8], q, kv, kv, pages,
-                            torch.tensor([40], device=DEV), 4, 8, 64, 0.125, mma=True)
+                            L, 4, 8, 64, 0.125)
+    with pytest.raises(ValueError, match="reference.prefill_attention"):
+        block_sparse_prefill(kv, kv, kv, torch.tensor([False], device=DEV), 4, 8)
+    kmax, kmin = R.page_summaries(kv, L, 4)
+    with pytest.raises(ValueError, match="reference.select_pages"):
+        PS.select_pages(q, kmax, kmin, L, 16, 4, 2)
+    with pytest.raises(ValueError, match="reference.select_pages"):
+        PS.page_scores(q, kmax, kmin, L, 16, 4)
+    with pytest.raises(ValueError, match="reference.page_summaries"):
+        build_page_summaries(kv, L, 16)
+    with pytest.raises(ValueError, match="reference.update_page_summaries"):
+        update_page_summaries(kmax, kmin, q[:, :, 0], L, 4)
+
+
+def test_select_pages_refuses_what_the_dot_scorer_cannot_take():
+    """Three logical pages per physical page, or D < 16: a clear error naming the reference."""
+    torch.manual_seed(34)
+    L = torch.tensor([40], device=DEV)
+    kmax, kmin = _summaries(1, 1, 48, 64, [40], 8, torch.float32, integer=True)
+    q = _randn(1, 1, 2, 64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="power-of-two number of logical pages.*reference.select_pages"):
+        PS.select_pages(q, kmax, kmin, L, 24, 8, 2)
+    kmax, kmin = _summaries(1, 1, 48, 8, [40], 4, torch.float32, integer=True)
+    with pytest.raises(ValueError, match="head dim.*reference.select_pages"):
+        PS.select_pages(_randn(1, 1, 2, 8, dtype=torch.float32), kmax, kmin, L, 16, 4, 2)
+
+
+def test_serving_select_falls_back_to_the_reference(kernels_everywhere):
+    """lserve_hf.ops.select_pages sends what the kernel refuses (float64, three logical pages per
+    page) to reference.select_pages, and the rest to the kernel."""
+    from lserve_hf import LServeConfig, kernels, ops
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return PS.select_pages(*args, **kwargs)
+
+    kernels_everywhere.setattr(kernels, "select_pages", counted)
+    torch.manual_seed(35)
+    L = torch.tensor([90, 41], device=DEV)
+    for page, lp, dtype, kernel in ((16, 4, torch.float32, True), (16, 4, torch.float64, False),
+                                    (24, 8, torch.float32, False)):
+        cfg = LServeConfig(page_size=page, logical_page_size=lp, token_budget=3 * page)
+        kmax, kmin = _summaries(2, 2, 96, 64, L.tolist(), lp, dtype, integer=True, page_size=page)
+        q = torch.randint(-2, 3, (2, 2, 2, 64), device=DEV).to(dtype)
+        n = len(calls)
+        got = ops.select_pages(q, kmax, kmin, L, cfg.pages_per_selection, cfg)
+        assert torch.equal(got, R.select_pages(q, kmax, kmin, L, page, lp, cfg.pages_per_selection))
+        assert (len(calls) > n) == kernel
+
+
+def test_float64_model_never_reaches_a_kernel(monkeypatch):
+    """With the kernels switched on, a float64 model's chunked prefill and decode steps (page
+    selection past the budget included) take the torch path, so no kernel raises and the logits
+    are the torch backend's."""
+    from conftest import tiny_llama
+    from lserve_hf import LServeCache, LServeConfig, kernels, ops, patch_model
+
+    model = tiny_llama(heads=8, kv_heads=4, head_dim=64).to(DEV).double()
+    pattern = torch.tensor([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.6, 0.4]])
+    ids = torch.randint(1, 100, (2, 76), generator=torch.Generator().manual_seed(4)).to(DEV)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    logits = {}
+    for kernel in (False, True):
+        patch_model(model, LServeConfig(streaming_sparsity=0.5, page_size=16, logical_page_size=4,
+                                        token_budget=32, prefill_sink=4, prefill_local=20,
+                                        prefill_chunk_size=29, decode_sink=4, decode_local=8,
+                                        backend="torch", cuda_graphs=False), pattern)
+        if kernel:
+            monkeypatch.setattr(ops, "_kernels_for", lambda cfg, x: kernels)
+        cache = LServeCache(model)
+        with torch.no_grad():
+            out = [model(ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache).logits]
+            out.append(model(ids[:, -1:], attention_mask=mask, past_key_values=cache).logits)
+        logits[kernel] = torch.cat(out, 1)
+        monkeypatch.undo()
+    assert logits[True].dtype == torch.float64
+    assert torch.equal(logits[True], logits[False])
 
 
 @gpu
-@MMA
-@pytest.mark.parametrize("pdl", [True, "late"])
-def test_decode_gpu_budget_shape(mma, prefetch, pdl, monkeypatch):
-    from lserve_hf.kernels import launch
-    monkeypatch.setitem(launch.PDL, "decode", pdl)
+@pytest.mark.parametrize("pdl", [False, True, "late"])
+def test_decode_gpu_budget_shape(pdl):
     torch.manual_seed(53)
+    plan = DecodePlan(pdl=pdl)
     _check_decode(2, 4, 4, 4, 128, sink=128, local=256, T=16384, ps=64, K=64,
-                  lengths=[16384 - 5, 9000], dtype=torch.bfloat16, mma=mma, prefetch=prefetch)
+                  lengths=[16384 - 5, 9000], dtype=torch.bfloat16, plan=plan)
     _check_decode(1, 4, 4, 8, 128, sink=128, local=256, T=16384, ps=64, K=64,
-                  lengths=[7777], dtype=torch.float32, mma=mma, prefetch=prefetch)
+                  lengths=[7777], dtype=torch.float32, plan=plan)
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.0, 1.0])
-def test_patched_decode_step_kernel_equals_torch_path(sparsity):
+def test_patched_decode_step_kernel_equals_torch_path(sparsity, monkeypatch):
     """The attention's decode step through the kernel (heads sorted by kind, one launch) equals
     the torch path on the same cache: left padding, a context past the budget."""
     import copy
 
     from conftest import tiny_llama
-    from lserve_hf import LServeCache, LServeConfig, patch_model
+    from lserve_hf import LServeCache, LServeConfig, kernels, ops, patch_model
     from lserve_hf import attention as A
+    from lserve_hf.step import Forward
 
     cfg = LServeConfig(streaming_sparsity=sparsity, page_size=16, logical_page_size=4, token_budget=32,
                        prefill_sink=4, prefill_local=24, decode_sink=4, decode_local=8, backend="torch")
@@ -559,14 +620,17 @@ def test_patched_decode_step_kernel_equals_torch_path(sparsity):
     cache = LServeCache(model)
     with torch.no_grad():
         model(ids, attention_mask=mask, past_key_values=cache)
-        model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache)
+        model(ids[:, :1], attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1), past_key_values=cache)
+    # the step as the cache's DecodeStep would begin it, a selecting one (lengths already count it)
+    fwd = Forward("decode", 1, cache.step.seen - 1, cache.step.longest, selects=True)
     for layer in cache.layers:
         plan = layer.plan
-        q = torch.randn(2, 4, 2, 16, generator=torch.Generator().manual_seed(layer.plan.layer_idx)).to(dev)
+        q = torch.randn(2, 8, 1, 16, generator=torch.Generator().manual_seed(plan.layer_idx)).to(dev)
         a, b = copy.deepcopy(layer), copy.deepcopy(layer)
-        a.decode_steps = b.decode_steps = 0                    # both select pages now
-        want = A._decode(q.view(2, 8, 1, 16), a, plan, cfg, 0.25).view(2, 4, 2, 16)
-        st, rt = plan.heads(q.device)
-        got = A._decode_triton(q, b, plan, cfg, 0.25, st, rt)
+        want, _ = A._decode(q, a, cache, fwd, plan, plan.config, 0.25, None)
+        monkeypatch.setattr(ops, "_kernels_for", lambda cfg, x: kernels)
+        got, _ = A._decode(q, b, cache, fwd, plan, plan.config, 0.25, None)
+        monkeypatch.undo()
         assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
-        assert torch.equal(a.pages, b.pages) if rt.numel() else True
+        if plan.n_retrieval:
+            assert torch.equal(a.selector.pages, b.selector.pages)
