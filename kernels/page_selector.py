@@ -60,6 +60,14 @@ class SelectPlan:
 DEFAULT_SELECT_PLAN = SelectPlan()
 
 
+# Arguments that change with the context length or the batch: runtime values, not specialised (Triton
+# would otherwise compile a variant per value class, ==1 or %16, and stall a new prompt length).
+LENGTH_ARGS = {
+    "_score_dot_kernel": ["P", "NL", "stride_sb", "stride_sh", "stride_ob", "stride_oh", "stride_og"],
+    "_topk_kernel": ["n_keys", "n_out", "P", "stride_row_in", "stride_row_out"],
+}
+
+
 @triton.jit
 def _sort_key(score, page):
     """One int64 per page: the score's order-preserving bits high, 2^31 - 1 - page low."""
@@ -69,7 +77,7 @@ def _sort_key(score, page):
     return (ordered.to(tl.int64) << 32) | (2147483647 - page).to(tl.int64)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS["_score_dot_kernel"])
 def _score_dot_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
                       stride_qb, stride_qh, stride_qg, stride_qd,
                       stride_sb, stride_sh, stride_sl, stride_sd,
@@ -122,7 +130,7 @@ def _score_dot_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
     gdc_end(GDC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS["_topk_kernel"])
 def _topk_kernel(KEYS, OUT, n_keys, n_out, P, stride_row_in, stride_row_out,
                  CHUNK: tl.constexpr, K_KEEP: tl.constexpr, FINAL: tl.constexpr, GDC: tl.constexpr,
                  PARTIAL: tl.constexpr):

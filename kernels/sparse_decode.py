@@ -62,6 +62,15 @@ class DecodePlan:
 DEFAULT_DECODE_PLAN = DecodePlan()
 
 
+# Arguments that change with the context length or the batch: runtime values, not specialised (Triton
+# would otherwise compile a variant per value class, ==1 or %16, and stall a new prompt length).
+LENGTH_ARGS = {
+    "_sparse_decode_kernel": ["B", "n_pool_pages", "n_slots", "stream_per_split", "slots_per_split",
+                              "n_split_s", "n_split_r", "spk_b", "spk_h", "spv_b", "spv_h"],
+    "_combine_kernel": ["n_split_s", "n_split_r"],
+}
+
+
 @triton.jit
 def _sink_tile(sk, sv, slot, end, length, ssk_n, ssk_d, ssv_n, ssv_d, offs_d):
     """K and V rows of sink slots ``slot`` (live below ``end`` and the row's length), zero else."""
@@ -126,7 +135,7 @@ def _dot_update(acc, l_i, m_i, q, k, v, valid, qk_scale, IEEE: tl.constexpr):
     return acc * alpha[:, None] + pv, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS["_sparse_decode_kernel"])
 def _sparse_decode_kernel(
         QS, SK, SV, RK, RV, QR, PK, PV, PAGES, LENGTHS, OS, OR, OPART, MLPART,
         sqs_b, sqs_h, sqs_g, sqs_d,
@@ -236,7 +245,7 @@ def _sparse_decode_kernel(
     gdc_end(GDC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS["_combine_kernel"])
 def _combine_kernel(OPART, MLPART, OS, OR,
                     sos_b, sos_h, sos_g, sos_d,
                     sor_b, sor_h, sor_g, sor_d,
