@@ -65,7 +65,8 @@ _ESSAY_NOUNS = ("detail", "structure", "habit", "tool", "question", "method", "a
                 "schedule", "material", "story", "pattern", "mistake", "routine", "idea")
 
 
-def _split_sentences(text: str) -> list[str]:
+def split_sentences(text: str) -> list[str]:
+    """The sentences of a text, whitespace normalised (the haystack a text file gives)."""
     parts = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split()))]
     return [s for s in parts if s]
 
@@ -75,12 +76,12 @@ def haystack_sentences(kind: str = "filler", seed: int = 0, haystack_file: str |
     """At least ``n`` sentences of haystack (repeated cyclically when a file is short)."""
     if haystack_file:
         with open(haystack_file, encoding="utf-8", errors="replace") as f:
-            base = _split_sentences(f.read())
+            base = split_sentences(f.read())
         if not base:
             raise ValueError(f"{haystack_file} holds no text to use as a haystack.")
         return [base[i % len(base)] for i in range(max(n, len(base)))]
     if kind == "filler":
-        base = _split_sentences(FILLER)
+        base = split_sentences(FILLER)
         return [base[i % len(base)] for i in range(n)]
     if kind == "essay":
         rng = random.Random(f"essay-{seed}")
@@ -126,7 +127,8 @@ def _value(rng: random.Random, value_type: str) -> str:
     raise ValueError(f"value_type={value_type!r}: use 'number' or 'uuid'.")
 
 
-def _keys(rng: random.Random, k: int) -> list[str]:
+def needle_keys(rng: random.Random, k: int) -> list[str]:
+    """``k`` distinct "adjective-noun" keys that needles are stored under."""
     pairs = rng.sample([(a, b) for a in _ADJ for b in _NOUN], k)
     return [f"{a}-{b}" for a, b in pairs]
 
@@ -154,12 +156,12 @@ def _spec(task: str, rng: random.Random, depth: float, value_type: str, n_multi:
         return (head, [(depth, f"The pass key is {pk}. Remember it. {pk} is the pass key.", True)],
                 "\n\nWhat is the pass key? The pass key is", [pk])
     if task == "niah_single":
-        key, val = _keys(rng, 1)[0], _value(rng, value_type)
+        key, val = needle_keys(rng, 1)[0], _value(rng, value_type)
         q = (f"\n\nWhat is the special magic {kind} for {key} mentioned in the provided text? "
              f"The special magic {kind} for {key} mentioned in the provided text is")
         return rhead, [(depth, needle(key, val), True)], q, [val]
     if task == "niah_multikey":
-        keys = _keys(rng, n_multi)
+        keys = needle_keys(rng, n_multi)
         vals = [_value(rng, value_type) for _ in keys]
         # distractors on both sides of the asked needle, 5% of the haystack apart
         ask = n_multi // 2
@@ -171,14 +173,14 @@ def _spec(task: str, rng: random.Random, depth: float, value_type: str, n_multi:
              f"The special magic {kind} for {keys[ask]} mentioned in the provided text is")
         return rhead, needles, q, [vals[ask]]
     if task == "niah_multivalue":
-        key = _keys(rng, 1)[0]
+        key = needle_keys(rng, 1)[0]
         vals = [_value(rng, value_type) for _ in range(n_multi)]
         needles = [(d, needle(key, v), True) for d, v in zip(_spread(depth, n_multi, 0.05), vals)]
         q = (f"\n\nWhat are all the special magic {kind}s for {key} mentioned in the provided text? "
              f"The special magic {kind}s for {key} mentioned in the provided text are")
         return rhead, needles, q, vals
     if task == "niah_multiquery":
-        keys = _keys(rng, n_multi)
+        keys = needle_keys(rng, n_multi)
         vals = [_value(rng, value_type) for _ in keys]
         needles = [(d, needle(k, v), True) for d, k, v in zip(_spread(depth, n_multi, 0.05), keys, vals)]
         ks = ", ".join(keys[:-1]) + f" and {keys[-1]}"
