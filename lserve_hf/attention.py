@@ -84,7 +84,7 @@ def _prefill(query, key, value, mask, plan, cfg, scale, window, dropout):
         return general_prefill(query, key, value, streaming, cfg.prefill_sink, cfg.prefill_local, q_offset,
                                mask, scale, window, dropout, cfg.prefill_query_block)
     return ops.prefill(query, key, value, streaming, cfg.prefill_sink, cfg.prefill_local, q_offset,
-                       mask.kv_start, scale, window, cfg)
+                       mask.kv_start, scale, window, cfg, memo=mask.memo)
 
 
 def _chunk_prefill(query, layer, cache, fwd, mask, plan, cfg, scale, window):
@@ -101,7 +101,7 @@ def _chunk_prefill(query, layer, cache, fwd, mask, plan, cfg, scale, window):
         if q_heads.numel():
             kinds = torch.full((k.shape[1],), streams, device=query.device)
             ops.prefill(query, k[:, :, :T], v[:, :, :T], kinds, cfg.prefill_sink, cfg.prefill_local, T - S,
-                        mask.kv_start, scale, window, cfg, out=out, q_heads=q_heads)
+                        mask.kv_start, scale, window, cfg, out=out, q_heads=q_heads, memo=mask.memo)
     return out
 
 
