@@ -107,16 +107,23 @@ def update_summaries(kmax, kmin, new_k, positions, cfg) -> None:
     reference.update_page_summaries(kmax, kmin, new_k, positions, cfg.logical_page_size)
 
 
-def select_pages(q, kmax, kmin, lengths, n_select, cfg) -> torch.Tensor:
-    """Pages per retrieval query head, ``[B, Hr, G, n_select]`` (``reference.select_pages``)."""
+def select_pages(q, kmax, kmin, lengths, n_select, cfg, need=None, out=None) -> torch.Tensor:
+    """Pages per retrieval query head, ``[B, Hr, G, n_select]`` (``reference.select_pages``).
+    With ``need`` (bool ``[B, Hr, G]``) only those query heads choose, into ``out``; the others
+    keep what ``out`` holds (the kernels skip their work)."""
     kernels = _kernels_for(cfg, q)
     if kernels is not None:
         from .kernels.page_selector import unsupported
 
         why = unsupported(q, cfg.page_size, cfg.logical_page_size) if q.dtype != torch.float64 else None
         if _supported(cfg, "page selection", q, why=why):
-            return kernels.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select)
-    return reference.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select)
+            return kernels.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select,
+                                        need=need, out=out)
+    fresh = reference.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select)
+    if need is None:
+        return fresh
+    out.copy_(torch.where(need.unsqueeze(-1), fresh, out))
+    return out
 
 
 def decode(q_s, sink_k, sink_v, ring_k, ring_v, q_r, pool_k, pool_v, pages, lengths, cfg, scale,

@@ -195,6 +195,18 @@ def page_scores(q: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, lengths
     return logical.view(B, Hkv, -1, NL // lpp, lpp).amax(-1)
 
 
+def unrope(q: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Queries ``[B, H, G, D]`` rotated back from RoPE at ``positions`` ``[B]`` (Llama's
+    rotate-half convention; ``inv_freq`` ``[D / 2]`` the model's frequencies), in float32."""
+    B, D = q.shape[0], q.shape[-1]
+    angle = positions.float().view(B, 1) * inv_freq.view(1, -1)
+    angle = torch.cat([angle, angle], -1).view(B, 1, 1, D)
+    q = q.float()
+    half = D // 2
+    rotated = torch.cat([-q[..., half:], q[..., :half]], -1)
+    return q * angle.cos() - rotated * angle.sin()
+
+
 def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select) -> torch.Tensor:
     """Page selection per query head: int64 ``[B, Hkv, G, n_select]``.
 
