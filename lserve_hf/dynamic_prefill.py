@@ -111,28 +111,31 @@ def select_blocks(mass, lo, hi, diag_lo, target, min_density=0.0, max_density=1.
     """Key-block lists from estimated masses ``[B, H, nQ, nK]`` and the ranges of
     :func:`block_ranges`: per query block the blocks of highest mass until their cumulative mass
     reaches ``target`` (1.0: every causal block), the sink and diagonal blocks always, the count
-    clamped to ``[min_density, max_density]`` of the causal blocks (sink and diagonal above it)."""
+    clamped to ``[min_density, max_density]`` of the causal blocks (the sink and diagonal blocks
+    are kept above the maximum)."""
     B, H, nQ, nK = mass.shape
     j = torch.arange(nK, device=mass.device).view(1, 1, 1, nK)
     lo, hi, diag_lo = (t.view(-1, 1, nQ, 1) for t in (lo, hi, diag_lo))
     causal = (j >= lo) & (j <= hi)
     n_causal = (hi - lo + 1).clamp_min(0).squeeze(-1)                     # [B|1, 1, nQ]
     forced = causal & ((j == lo) | (j >= diag_lo))
-    if target >= 1.0:
+    if target >= 1.0 and max_density >= 1.0:
         keep = causal.expand(B, H, nQ, nK)
     else:
         # forced blocks first (priority 2 > any mass), then by decreasing mass, ties to the lower block
         priority = torch.where(forced, 2.0, torch.where(causal, mass, -1.0))
         order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
-        cum = torch.cumsum(torch.gather(mass, -1, order), dim=-1)
-        n_mass = (cum < target).sum(-1) + 1
+        if target >= 1.0:
+            n_mass = n_causal
+        else:
+            n_mass = (torch.cumsum(torch.gather(mass, -1, order), dim=-1) < target).sum(-1) + 1
         eps = 1e-6  # densities like 0.3 * 10 must give 3, not 2 or 4
         k_min = torch.ceil(min_density * n_causal - eps).long()
         k_max = torch.floor(max_density * n_causal + eps).long().clamp_min(1)
         n_keep = torch.maximum(torch.minimum(torch.maximum(n_mass, k_min), k_max),
                                forced.sum(-1)).clamp(max=n_causal)
         ranked = torch.arange(nK, device=mass.device).view(1, 1, 1, nK) < n_keep.unsqueeze(-1)
-        keep = torch.zeros_like(ranked).scatter(-1, order, ranked)
+        keep = torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, ranked.expand_as(order))
     idx = torch.sort(torch.where(keep, j, nK), dim=-1).values
     width = nK if max_density >= 1.0 else min(nK, math.floor(max_density * nK + 1e-6) + 4)
     idx = idx[..., :width]  # a count never exceeds max density or the (<= 4) forced blocks
@@ -148,22 +151,27 @@ def key_blocks(q, k, q_offset=0, kv_start=None, scale=None, *, mass=0.95, min_de
     return select_blocks(est, lo, hi, diag_lo, mass, min_density, max_density, block)
 
 
-def prefill_blocks(q, k, cfg, q_offset, kv_start, scale, window=None, plan=None):
-    """The ``blocks`` of a patched model's prefill call, q ``[B, Hq, S, D]`` against k
-    ``[B, Hkv, N, D]``: lists for k's retrieval heads (``plan``, a ``LayerPlan``, says which; None:
-    all of k's heads retrieve), estimated on them alone. None when ``cfg.prefill_dynamic`` is off,
-    in a dense layer, without retrieval heads, or when the keys span fewer than
-    ``MIN_KEY_BLOCKS`` blocks (the sink and diagonal band would be most of them)."""
-    B, Hq, S, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    if not cfg.prefill_dynamic or N < MIN_KEY_BLOCKS * cfg.dynamic_block:
+def prefill_blocks(q, k, cfg, plan, q_offset, kv_start, scale, window=None, q_heads=None):
+    """The ``blocks`` of a patched model's prefill call (``attention._prefill`` and
+    ``_chunk_prefill``), or None: ``cfg.prefill_dynamic`` off, a dense layer (``plan``, the
+    layer's ``LayerPlan``), no retrieval head, or keys spanning fewer than ``MIN_KEY_BLOCKS``
+    blocks (the sink and diagonal band would be most of them).
+
+    q ``[B, Hq, S, D]`` (``q_heads``: only those query heads of it are attended, G per KV head of
+    k); k ``[B, Hkv, N, D]`` holds either every KV head of the layer (then the retrieval heads
+    are estimated alone and the others' lists left empty) or its retrieval heads only (the page
+    pool)."""
+    N = k.shape[2]
+    if not cfg.prefill_dynamic or plan.dense or not plan.n_retrieval or N < MIN_KEY_BLOCKS * cfg.dynamic_block:
         return None
-    if plan is not None and (plan.dense or not plan.n_retrieval):
-        return None
+    if q_heads is not None:
+        q = q.index_select(1, q_heads)
     kw = dict(mass=cfg.dynamic_mass, min_density=cfg.dynamic_min_density,
               max_density=cfg.dynamic_max_density, block=cfg.dynamic_block, window=window)
-    if plan is None or not plan.n_stream:
+    if k.shape[1] == plan.n_retrieval:
         return key_blocks(q, k, q_offset, kv_start, scale, **kw)
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
     heads = plan.heads(q.device)[1]
     qr = q.view(B, Hkv, Hq // Hkv, S, D).index_select(1, heads).flatten(1, 2)
     part = key_blocks(qr, k.index_select(1, heads), q_offset, kv_start, scale, **kw)
