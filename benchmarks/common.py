@@ -60,12 +60,12 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item(), (a - b).abs().max().item()
 
 
-def streaming_mask(frac):
-    """KV heads that stream: round(HKV * frac) of them, alternating with retrieval heads (what
+def streaming_mask(frac, hkv=HKV):
+    """KV heads that stream: round(hkv * frac) of them, alternating with retrieval heads (what
     the calibrated patterns look like)."""
-    n = round(HKV * frac)
-    s = torch.zeros(HKV, dtype=torch.bool)
-    s[torch.linspace(0, HKV - 1, n).round().long()] = True if n else False
+    n = round(hkv * frac)
+    s = torch.zeros(hkv, dtype=torch.bool)
+    s[torch.linspace(0, hkv - 1, n).round().long()] = True if n else False
     return s
 
 
