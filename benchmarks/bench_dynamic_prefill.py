@@ -24,8 +24,6 @@ writes every figure as JSON. Needs a CUDA GPU (without one: one line, exit statu
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 
 import torch
@@ -209,8 +207,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if C.gpu_missing("bench_dynamic_prefill"):
         return 2
-    import triton
-
     lengths = [int(x) for x in args.lengths.split(",") if x]
     densities = [float(x) for x in args.densities.split(",") if x]
     rows, checks = [], []
@@ -218,23 +214,15 @@ def main(argv=None) -> int:
     bench_lengths(lengths, densities, rows, checks, C.DEVICE, with_flex=not args.no_flex,
                   with_cudnn=not args.no_cudnn)
     est = bench_estimator(max(lengths), C.DEVICE)
-    print("\nchecks:")
-    for c in checks:
-        print("  ", json.dumps(c))
+    C.print_checks(checks)
     print(f"\nestimator at {est['tokens']} tokens ({est['retrieval_kv_heads']} retrieval KV heads): "
           f"{est['estimator_ms']:.2f} ms")
     print("\nsummary (ms; 'listed': the share of causal key blocks the retrieval heads read):")
     for r in rows:
         print(_fmt(r))
-    result = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(),
-              "torch": torch.__version__, "triton": triton.__version__,
-              "shapes": {"hq": C.HQ, "hkv": C.HKV, "d": C.D, "dtype": str(C.DTYPE), "batch": 1,
-                         "streaming": 0.5, "prefill_sink": C.PREFILL_SINK, "prefill_local": LOCAL,
-                         "dynamic_block": BLOCK},
-              "rows": rows, "estimator": est, "checks": checks}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    shapes = {"hq": C.HQ, "hkv": C.HKV, "d": C.D, "dtype": str(C.DTYPE), "batch": 1, "streaming": 0.5,
+              "prefill_sink": C.PREFILL_SINK, "prefill_local": LOCAL, "dynamic_block": BLOCK}
+    C.save_json(args.out, {**C.environment(), "shapes": shapes, "rows": rows, "estimator": est, "checks": checks})
     return 0
 
 

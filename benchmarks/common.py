@@ -8,6 +8,9 @@ pages of 64 tokens, logical pages of 16, a selector interval of 4.
 
 from __future__ import annotations
 
+import datetime
+import json
+import math
 import sys
 
 import torch
@@ -52,6 +55,28 @@ def graph_time(fn, n_inner):
     g.replay()
     torch.cuda.synchronize()
     return bench(g.replay) / n_inner
+
+
+def environment():
+    """What a benchmark's JSON records about the run: GPU, date, torch and Triton versions."""
+    import triton
+
+    return {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(),
+            "torch": torch.__version__, "triton": triton.__version__}
+
+
+def print_checks(checks):
+    print("\nchecks:")
+    for c in checks:
+        print("  ", json.dumps(c))
+
+
+def save_json(path, result):
+    """Write ``result`` to ``path`` (``--out``), NaN figures as null; no path: nothing."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1,
+                      default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
 
 
 def rel(a, b):

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .launch import check_positive, check_power_of_two, refuse_float64
-from .prefill_blocks import attend_listed, check_blocks
+from .prefill_blocks import attend_listed, check_blocks, softmax_step
 
 _BIG = tl.constexpr(1 << 30)  # "no limit" for sink / local / sliding_window: larger than any position difference
 
@@ -153,14 +153,7 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, s
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
             p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if UPCAST:
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-        m_i = m_new
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, m_new, m_use, p, v, PREC, UPCAST)
     return acc, l_i, m_i
 
 

@@ -1,5 +1,6 @@
 """Listed key blocks of the block-sparse prefill (dynamic sparsity of retrieval heads): the
-checks of a ``blocks`` argument and the loop a program runs over its listed blocks.
+checks of a ``blocks`` argument and the loop a program runs over its listed blocks; also the
+online-softmax step that loop shares with the static one in ``block_sparse_prefill.py``.
 
 A list names key blocks of ``block`` tokens (``lserve_hf.dynamic_prefill.KeyBlocks``); the
 kernel walks each in steps of its own ``BLOCK_N`` (a divisor of ``block``), all listed steps of a
@@ -73,12 +74,19 @@ def attend_listed(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # row with nothing seen yet
         p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if UPCAST:
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-        m_i = m_new
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, m_new, m_use, p, v, PREC, UPCAST)
     return acc, l_i, m_i
+
+
+@triton.jit
+def softmax_step(acc, l_i, m_i, m_new, m_use, p, v, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """The end of an online-softmax step (both prefill loops): rescale the running sum and
+    output from the old row max ``m_i`` to ``m_use`` and add ``p @ v``; returns the new state."""
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if UPCAST:  # CPU tensors mean the interpreter, whose tl.dot mis-multiplies bf16
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, l_i, m_new
