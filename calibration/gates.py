@@ -8,8 +8,9 @@ the answer tokens of synthetic multi-passkey prompts, plus ``reg * mean(|alpha|)
 regulariser pushes every gate toward streaming, and only heads whose streaming hurts retrieval
 keep a high alpha. The trained alphas are the head scores (``full_attention_heads.tsv``).
 
-Compared with the one-shot gradient of ``probe.py`` this optimises the gates jointly (a head's
-score accounts for the others streaming) at the cost of ``steps`` forward + backward passes.
+Compared with the one-shot gradient of ``probe_gates.py`` this optimises the gates jointly (a
+head's score accounts for the others streaming) at the cost of ``steps`` forward + backward
+passes.
 """
 
 from __future__ import annotations
@@ -80,10 +81,10 @@ def gate_training_sample(tokenizer, n_tokens: int, seed: int = 0, n_passkeys: in
     (``lserve_hf.evaluation.tasks``' "essay"), or the sentences of ``haystack_text`` from a seeded
     starting point, repeated when short.
     """
-    from lserve_hf.evaluation.tasks import _keys, _split_sentences, haystack_sentences
+    from lserve_hf.evaluation.tasks import haystack_sentences, needle_keys, split_sentences
 
     rng = random.Random(f"gates|{n_tokens}|{seed}|{n_passkeys}|{n_words}")
-    keys = _keys(rng, n_passkeys)
+    keys = needle_keys(rng, n_passkeys)
     passkeys = [(k, " ".join(rng.choice(WORDS) for _ in range(n_words))) for k in keys]
     depths = sorted(rng.uniform(0.1, 0.9) for _ in keys)
     order = list(range(n_passkeys))
@@ -106,7 +107,7 @@ def gate_training_sample(tokenizer, n_tokens: int, seed: int = 0, n_passkeys: in
     if haystack_text is None:
         sents = haystack_sentences("essay", seed=rng.randrange(2**31), n=max(64, budget // 8))
     else:
-        base = _split_sentences(haystack_text)
+        base = split_sentences(haystack_text)
         if not base:
             raise ValueError("haystack_text holds no sentences.")
         start = rng.randrange(len(base))

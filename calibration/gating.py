@@ -1,4 +1,4 @@
-"""DuoAttention's gated attention, shared by the gate-gradient probe (``probe.py``) and gate
+"""DuoAttention's gated attention, shared by the gate probes (``probe_gates.py``) and gate
 training (``gates.py``).
 
 Every layer's attention output becomes ``alpha * full + (1 - alpha) * stream`` per KV head, with

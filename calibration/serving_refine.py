@@ -1,13 +1,13 @@
 """Serving refine: re-rank the heads near the streaming threshold by what they cost *as served*.
 
-The probe (``probe.py``) measures each head against dense attention everywhere else: its gates
-stream one head to sink + local while every retrieval head reads the whole context. A patched
-model serves differently. At decode, retrieval heads read only the ``token_budget`` tokens of
-the pages their query selects. Streaming heads prefill through a ``prefill_local`` band and
-decode from a ``decode_local`` ring. With a small budget and small windows, the heads that
-matter near the threshold are not the ones the probe ranks there. On the embedded SmolLM2 at
-budget 512, windows 256, the shipped ranking answers every test prompt at 30% streaming heads
-and misses one at 40-50%.
+The gate probes (``probe_gates.py``) measure each head against dense attention everywhere else:
+their gates stream one head to sink + local while every retrieval head reads the whole context.
+A patched model serves differently. At decode, retrieval heads read only the ``token_budget``
+tokens of the pages their query selects. Streaming heads prefill through a ``prefill_local``
+band and decode from a ``decode_local`` ring. With a small budget and small windows, the heads
+that matter near the threshold are not the ones the probe ranks there. On the embedded SmolLM2
+at budget 512, windows 256, the shipped ranking answers every test prompt at 30% streaming
+heads and misses one at 40-50%.
 
 Serving refine measures those heads with the real patched model and config:
 
@@ -20,8 +20,8 @@ Serving refine measures those heads with the real patched model and config:
    default 25% to 60%). Base: the heads ranked below the band stream, the rest are retrieval.
 3. Drop of a candidate = base score minus the score with that candidate streaming too.
 4. The candidates keep their band of score values, reordered by drop: the smallest drop gets the
-   lowest value and streams first (as ``probe._refine`` does with its gate-measured drops).
-   Heads outside the band keep their scores.
+   lowest value and streams first (``rerank.py``, which the probe's ``refine`` shares with its
+   gate-measured drops). Heads outside the band keep their scores.
 
 Cost: ``n_prompts x (n_candidates + 1)`` served prefills plus the answer's decode steps. With
 ``resume`` (default) a candidate's prefill restarts at its own layer. It reuses the base run's
@@ -38,14 +38,20 @@ from dataclasses import replace
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from lserve_hf.cache import LServeCache
 from lserve_hf.config import LServeConfig
-
+from lserve_hf.decoder import prompt_forward
 from lserve_hf.heads import validate_scores
-from .probe import ProbePrompt, _decoder_parts, passkey_probe_prompts
+from lserve_hf.patch import patch_model, unpatch_model
 
-# Calibration prompts of the issue-3 setting: ~3K tokens, no chat template, like the test's
-# prompts but another seed and other depths.
+from .prompts import ProbePrompt, passkey_probe_prompts
+from .rerank import band_heads, quantile_band, reorder, threshold_band
+from .resume import LayerInputs, decoder_parts, run_from
+
+# The shipped pattern's calibration prompts: ~3K tokens, no chat template, like the passkey
+# test's prompts but another seed and other depths.
 DEFAULT_LENGTHS = (3000,)
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 DEFAULT_SEED = 1
@@ -78,73 +84,55 @@ def _decode_answer(model, cache, first_logits, answer) -> float:
     return total
 
 
+def _prefill(model, cache, prompt_ids: torch.Tensor) -> torch.Tensor:
+    """The prompt stored in ``cache`` as ``generate()`` would; returns the last position's logits."""
+    ids = prompt_ids.reshape(1, -1).to(next(model.parameters()).device)
+    return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+
+
+@torch.no_grad()
 def served_logprob(model, prompt_ids: torch.Tensor, answer: Sequence[int]) -> float:
     """``log p(answer)`` as a patched model serves it: prefill with a fresh cache, then one decode
     step per answer token."""
-    from lserve_hf.cache import LServeCache
-
-    device = next(model.parameters()).device
     cache = LServeCache(model)
-    with torch.no_grad():
-        out = model(input_ids=prompt_ids.reshape(1, -1).to(device), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        return _decode_answer(model, cache, out.logits[0, -1], list(answer))
+    return _decode_answer(model, cache, _prefill(model, cache, prompt_ids), list(answer))
+
+
+def _copy_layer(layer, plan):
+    """A copy of a cache layer, stores and all, under ``plan`` (equal to the layer's own, of
+    another patch): the copy's decoding must leave the original as the prompt left it, and the
+    copy must belong to the patch it serves under, so plan and config are not copied but
+    swapped for that patch's."""
+    return copy.deepcopy(layer, memo={id(layer.plan): plan, id(layer.plan.config): plan.config})
 
 
 class _BaseRun:
     """The base streaming set's prefill of one prompt, kept for resuming at a later layer: each
-    layer's cache right after the prefill and the inputs of the layers that hold candidates."""
+    layer's cache right after the prefill, every layer's keyword arguments and the inputs of the
+    layers that hold candidates. Runs under ``serving_refine``'s ``no_grad``."""
 
     def __init__(self, model, prompt_ids, answer, keep_layers):
-        from lserve_hf.cache import LServeCache
-
-        device = next(model.parameters()).device
-        parts = _decoder_parts(model)
-        self.inputs, self.kwargs = {}, {}
-        hooks = [] if parts is None else [
-            layer.register_forward_pre_hook(self._recorder(j, j in keep_layers), with_kwargs=True)
-            for j, layer in enumerate(parts[0])]
+        # nothing to resume (no candidate, or resume=False): no layer input is kept
+        self.inputs = LayerInputs(decoder_parts(model) if keep_layers else None, keep_layers)
         cache = LServeCache(model)
-        try:
-            with torch.no_grad():
-                out = model(input_ids=prompt_ids.reshape(1, -1).to(device), past_key_values=cache,
-                            use_cache=True, logits_to_keep=1)
-        finally:
-            for h in hooks:
-                h.remove()
-        # one forward per layer, else the prefill was chunked (or the model is not Llama-like)
-        self.resumable = parts is not None and len(self.kwargs) == len(parts[0]) \
-            and all(kw is not None for kw in self.kwargs.values())
-        self.layers = [copy.deepcopy(layer) for layer in cache.layers] if self.resumable else None
-        self.logp = _decode_answer(model, cache, out.logits[0, -1], answer)
+        with self.inputs.recording():
+            first = _prefill(model, cache, prompt_ids)
+        # not resumable after a prefill in chunks, or for a model laid out unlike Llama
+        self.resumable = self.inputs.complete
+        self.layers = [_copy_layer(layer, layer.plan) for layer in cache.layers] if self.resumable else None
+        self.logp = _decode_answer(model, cache, first, answer)
 
-    def _recorder(self, j, keep):
-        def hook(module, args, kwargs):
-            if j in self.kwargs:        # a second forward: a chunked prefill
-                self.kwargs[j] = None
-                return
-            self.kwargs[j] = kwargs
-            if keep:
-                self.inputs[j] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
-    @torch.no_grad()
     def resumed_logprob(self, model, start: int, answer) -> float:
-        """``served_logprob`` of a model patched like the base but for layers ``start`` and up."""
-        from lserve_hf.cache import LServeCache
-
-        layers, norm, head = _decoder_parts(model)
+        """``served_logprob`` of a model patched like the base but for layers ``start`` and up:
+        the layers below keep copies of the base's stores, the others prefill from the base's
+        input to layer ``start``, as the patched decoder's one-pass prefill would."""
         cache = LServeCache(model)
-        for j in range(start):
-            # a copy, since decoding writes to the cache; the plan is the patched model's (equal)
-            old = self.layers[j]
-            cache.layers[j] = copy.deepcopy(old, memo={id(old.plan): cache.layers[j].plan})
-        h = self.inputs[start]
-        for j in range(start, len(layers)):
-            h = layers[j](h, **{**self.kwargs[j], "past_key_values": cache})
-            if isinstance(h, tuple):
-                h = h[0]
-        logits = head(norm(h)[:, -1:])
+        hidden = self.inputs.hidden[start]
+        mask = self.inputs.kwargs[start]["lserve_mask"]
+        with prompt_forward(cache, mask, hidden.shape[0], hidden.shape[1], hidden.device):
+            for j in range(start):
+                cache.layers[j] = _copy_layer(self.layers[j], cache.layers[j].plan)
+            logits = run_from(decoder_parts(model), self.inputs, start, rows=1, cache=cache)
         return _decode_answer(model, cache, logits[0, -1], answer)
 
 
@@ -178,11 +166,6 @@ def serving_refine(model, tokenizer=None, scores=None, config: LServeConfig | No
     candidate), ``base_logp`` ``[n_prompts]``, ``logp`` ``[n_candidates, n_prompts]``,
     ``n_base_streaming``, ``runtime_s``.
     """
-    from tqdm.auto import tqdm
-
-    # the patch module finds shipped patterns through this package: import it on use, not at load
-    from lserve_hf.patch import patch_model, unpatch_model
-
     if scores is None:
         raise ValueError("serving_refine needs the current scores to refine (e.g. load_pattern(...)).")
     config = config or LServeConfig()
@@ -191,8 +174,12 @@ def serving_refine(model, tokenizer=None, scores=None, config: LServeConfig | No
     if tuple(scores.shape) != (L, H):
         raise ValueError(f"scores have shape {tuple(scores.shape)} but the model has {L} layers x "
                          f"{H} KV heads.")
-    if not 0.0 <= band[0] < band[1] <= 1.0:
-        raise ValueError(f"band={band} must be two quantiles 0 <= lo < hi <= 1.")
+    if n_candidates is not None:
+        ranks = threshold_band(scores, config.streaming_sparsity, n_candidates)
+    else:
+        ranks = quantile_band(scores, *band)
+    # heads of dense layers never stream: measuring them would only spend streaming slots
+    cand, base = band_heads(scores, ranks, config.dense_layers)
     if prompts is None:
         if tokenizer is None:
             raise ValueError("serving_refine needs a tokenizer to build passkey prompts, or prompts=.")
@@ -200,21 +187,6 @@ def serving_refine(model, tokenizer=None, scores=None, config: LServeConfig | No
     if not prompts:
         raise ValueError("serving_refine got no prompts.")
     split = [_split(p) for p in prompts]
-
-    flat = scores.flatten()
-    order = torch.argsort(flat, stable=True)      # ascending: the first ones stream
-    N = flat.numel()
-    if n_candidates is not None:
-        n_stream = int(round(config.streaming_sparsity * N))
-        lo = max(0, n_stream - int(n_candidates) // 2)
-        hi = min(N, lo + int(n_candidates))
-    else:
-        lo, hi = int(round(band[0] * N)), int(round(band[1] * N))
-    dense = set(config.dense_layers)
-    # heads of dense layers never stream: measuring them would only spend streaming slots
-    cand = torch.tensor([h for h in order[lo:hi].tolist() if h // H not in dense], dtype=torch.long)
-    base = torch.zeros(N, dtype=torch.bool)
-    base[order[:lo]] = True
 
     def plan(streaming):
         s, cfg = _pattern(streaming.view(L, H), config)
@@ -235,7 +207,7 @@ def serving_refine(model, tokenizer=None, scores=None, config: LServeConfig | No
                 s = base.clone()
                 s[h] = True
                 plan(s)
-                if resume and run.resumable:
+                if run.resumable:
                     logp[j, i] = run.resumed_logprob(model, h // H, answer)
                 else:
                     logp[j, i] = served_logprob(model, ids, answer)
@@ -245,10 +217,6 @@ def serving_refine(model, tokenizer=None, scores=None, config: LServeConfig | No
         bar.close()
         unpatch_model(model)
     drops = base_logp.mean() - logp.mean(1)
-    # candidates keep the score values of their band; the smallest drop takes the lowest value
-    values = flat[cand].sort().values
-    new = flat.clone()
-    new[cand[torch.argsort(drops, stable=True)]] = values
     details = {"candidates": cand, "drops": drops, "base_logp": base_logp, "logp": logp,
                "n_base_streaming": int(base.sum()), "runtime_s": time.perf_counter() - t0}
-    return new.view(L, H).clamp(0, 1).float(), details
+    return reorder(scores, cand, drops).clamp(0, 1).float(), details

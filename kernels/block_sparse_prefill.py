@@ -157,7 +157,15 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, s
     return acc, l_i, m_i
 
 
-@triton.jit
+# Arguments that change with the prompt length or the batch: runtime values, not specialised (Triton
+# would otherwise compile a variant per value class, ==1 or %16, and stall a new prompt length).
+# (strides stay specialised: multiples of the head dim at any length, they prove alignment)
+LENGTH_ARGS = {
+    "_block_sparse_prefill_kernel": ["B", "Sq", "Skv", "q_offset"],
+}
+
+
+@triton.jit(do_not_specialize=LENGTH_ARGS["_block_sparse_prefill_kernel"])
 def _block_sparse_prefill_kernel(
         Q, K, V, O, QD, KD, VD, OD, STREAM, KV_START, ORDER, LISTS, COUNTS,
         stride_qb, stride_qh, stride_qm, stride_qd,

@@ -60,6 +60,16 @@ class SelectPlan:
 DEFAULT_SELECT_PLAN = SelectPlan()
 
 
+# Arguments that change with the context length or the batch: runtime values, not specialised (Triton
+# would otherwise compile a variant per value class, ==1 or %16, and stall a new prompt length).
+# Strides stay specialised (Triton proves alignment from them): the summaries' are multiples of
+# the head dim, the score rows are padded to 16.
+LENGTH_ARGS = {
+    "_score_dot_kernel": ["P", "NL"],
+    "_topk_kernel": ["n_keys", "n_out", "P"],
+}
+
+
 @triton.jit
 def _sort_key(score, page):
     """One int64 per page: the score's order-preserving bits high, 2^31 - 1 - page low."""
@@ -69,7 +79,7 @@ def _sort_key(score, page):
     return (ordered.to(tl.int64) << 32) | (2147483647 - page).to(tl.int64)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS["_score_dot_kernel"])
 def _score_dot_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
                       stride_qb, stride_qh, stride_qg, stride_qd,
                       stride_sb, stride_sh, stride_sl, stride_sd,
@@ -122,7 +132,7 @@ def _score_dot_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
     gdc_end(GDC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS["_topk_kernel"])
 def _topk_kernel(KEYS, OUT, n_keys, n_out, P, stride_row_in, stride_row_out,
                  CHUNK: tl.constexpr, K_KEEP: tl.constexpr, FINAL: tl.constexpr, GDC: tl.constexpr,
                  PARTIAL: tl.constexpr):
@@ -180,7 +190,11 @@ def _scores(q, kmax, kmin, lengths, page_size, logical_page_size, pack, last_inf
     if reason:
         raise ValueError(f"{reason}; use the torch reference {_REFERENCE}")
     P = NL // lpp
-    out = torch.empty(B, Hkv, G, P, device=q.device, dtype=torch.int64 if pack else torch.float32)
+    # rows padded to 16 entries: the row stride stays a multiple of 16 at every context length,
+    # so Triton specialises it the same way (aligned, vectorised accesses) and never recompiles
+    padded = torch.empty(B, Hkv, G, -(-P // 16) * 16, device=q.device,
+                         dtype=torch.int64 if pack else torch.float32)
+    out = padded[..., :P]
     if out.numel():
         pdl = pdl_options(q.device, plan.pdl)
         block_l = max(plan.score_dot_rows, 16, lpp)
@@ -221,7 +235,8 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select,
     out = torch.empty(B, Hkv, G, n_select, dtype=torch.int64, device=q.device)
     if rows == 0 or n_select == 0:
         return out
-    keys = keys.view(rows, P)
+    row = keys.stride(2)                      # the padded row of each query head's keys
+    keys = keys.as_strided((rows, P), (row, 1))
     pdl = pdl_options(q.device, plan.pdl)
     partial = plan.partial_sort and hasattr(tl, "topk")
     # tl.topk of Triton 3.6 cannot keep a single key (its last reduction leaves a scalar)
@@ -232,11 +247,12 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select,
     chunk = max(plan.chunk, 2 * k_keep)
     n_chunks = triton.cdiv(P, chunk)
     if n_chunks <= 1:
-        size = triton.next_power_of_2(max(P, n_select, 2))
-        _topk_kernel[(1, rows)](keys, out, P, n_select, P, P, n_select, CHUNK=size, FINAL=True, **kw)
+        # one chunk of at least `chunk` keys whatever the context: one compiled variant up to it
+        size = max(triton.next_power_of_2(max(P, n_select, 2)), chunk)
+        _topk_kernel[(1, rows)](keys, out, P, n_select, P, row, n_select, CHUNK=size, FINAL=True, **kw)
         return out
     cand = torch.empty(rows, n_chunks * k_keep, dtype=torch.int64, device=q.device)
-    _topk_kernel[(n_chunks, rows)](keys, cand, P, 0, P, P, n_chunks * k_keep, CHUNK=chunk, FINAL=False,
+    _topk_kernel[(n_chunks, rows)](keys, cand, P, 0, P, row, n_chunks * k_keep, CHUNK=chunk, FINAL=False,
                                    **kw)
     size = triton.next_power_of_2(n_chunks * k_keep)
     _topk_kernel[(1, rows)](cand, out, n_chunks * k_keep, n_select, P, n_chunks * k_keep, n_select,

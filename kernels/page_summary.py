@@ -17,7 +17,16 @@ import triton.language as tl
 from .launch import refuse_float64
 
 
-@triton.jit
+# Arguments that change with the context length or the batch: runtime values, not specialised (Triton
+# would otherwise compile a variant per value class, ==1 or %16, and stall a new prompt length).
+# (strides stay specialised: multiples of the head dim at any length, they prove alignment)
+LENGTH_ARGS = {
+    "_build_kernel": ["NL"],
+    "_update_kernel": ["NL"],
+}
+
+
+@triton.jit(do_not_specialize=LENGTH_ARGS["_build_kernel"])
 def _build_kernel(KEYS, LENGTHS, KMAX, KMIN,
                   stride_kb, stride_kh, stride_kt, stride_kd,
                   stride_sb, stride_sh, stride_sp, stride_sd,
@@ -46,7 +55,7 @@ def _build_kernel(KEYS, LENGTHS, KMAX, KMIN,
         tl.store(KMIN + ptr, kmin.to(KMIN.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS["_update_kernel"])
 def _update_kernel(NEW, POS, KMAX, KMIN,
                    stride_nb, stride_nh, stride_nd,
                    stride_sb, stride_sh, stride_sp, stride_sd,

@@ -148,9 +148,10 @@ def decode_weights(q_s, q_r, layer, cache, pages, fwd, cfg, scale, window):
     if Hs:
         s = layer.streaming
         keys = torch.cat([s.sink_k, s.ring_k], dim=2)
-        sink_tok = torch.arange(cfg.decode_sink, device=q_s.device).view(1, -1).expand(B, -1)
-        tok = torch.cat([sink_tok, ring_tokens(lengths, cfg.decode_local)], dim=1)         # [B, N]
-        valid = streaming_decode_slots(lengths, cfg.decode_sink, cfg.decode_local, window)
+        n_sink, n_ring = s.slots
+        sink_tok = torch.arange(n_sink, device=q_s.device).view(1, -1).expand(B, -1)
+        tok = torch.cat([sink_tok, ring_tokens(lengths, cfg.decode_local)[:, :n_ring]], dim=1)   # [B, N]
+        valid = streaming_decode_slots(lengths, cfg.decode_sink, cfg.decode_local, window, s.slots)
         scores = torch.einsum("bhgd,bhnd->bhgn", q_s.float(), keys.float()) * scale
         parts.append((0, Hs, scores, valid.view(B, 1, 1, -1), tok.view(B, 1, 1, -1)))
     if Hr:
@@ -195,9 +196,10 @@ def _extend(query, layer, cache, plan, cfg, scale, new_k, new_v, window):
         sink, local = cfg.decode_sink, cfg.decode_local
         s = layer.streaming
         ring_k, ring_v = s.before_chunk
-        sink_pos = torch.arange(sink, device=q.device).view(1, sink).expand(B, sink)
+        n_sink, n_ring = s.slots
+        sink_pos = torch.arange(n_sink, device=q.device).view(1, n_sink).expand(B, n_sink)
         sink_pos = torch.where(sink_pos < before.view(B, 1), sink_pos, -1)
-        ring_pos = ring_tokens(before, local)
+        ring_pos = ring_tokens(before, local)[:, :n_ring]
         ring_pos = torch.where(ring_pos >= sink, ring_pos, -1)
         k = torch.cat([s.sink_k, ring_k, new_k[:, st]], dim=2)
         v = torch.cat([s.sink_v, ring_v, new_v[:, st]], dim=2)

@@ -135,8 +135,9 @@ class LServeLayer(CacheLayerMixin):
             shift = idx.view(B, 1, S, 1).expand(B, ks.shape[1], S, ks.shape[3])
             ks, vs = torch.gather(ks, 2, shift), torch.gather(vs, 2, shift)
             self.pool.shift_rows(idx, S)
-        self.streaming.fill(ks, vs, lengths, record_past=cache.record_past)
-        self.pool.summarize(lengths)
+        longest = cache.prompt_rows[1]
+        self.streaming.fill(ks, vs, lengths, slots=max(self.capacity, longest), record_past=cache.record_past)
+        self.pool.summarize(lengths, longest)
         self.epoch += 1
 
     # -- decode and extend ---------------------------------------------------------------------
@@ -148,18 +149,24 @@ class LServeLayer(CacheLayerMixin):
         pos = lengths.view(B, 1) - S + torch.arange(S, device=k.device).view(1, S)
         ks, kr = self.plan.sort_by_kind(k)
         vs, vr = self.plan.sort_by_kind(v)
+        self.reserve(fwd.longest, lengths - S)
         if kr.shape[1]:
-            if self.pool.grow(fwd.longest):
-                self.epoch += 1
             self.pool.append(kr, vr, pos)
         if ks.shape[1]:
             if S > 1 and cache.record_past and self.streaming.keep_undo(fwd.longest - S):
                 self.epoch += 1     # graphs captured before the undo log would not write it
             self.streaming.append(ks, vs, pos, past_sink=cache.step.shortest >= self.streaming.sink)
 
-    def reserve(self, longest: int, min_step: int = 0) -> None:
-        """Grow the page pool, outside a captured step, when ``longest`` tokens would not fit."""
-        if self.pool.grow(longest, min_step):
+    def reserve(self, longest: int, stored: torch.Tensor, min_step: int = 0) -> None:
+        """Make room for rows of ``longest`` tokens before they are written (outside a captured
+        step): grow the page pool and the streaming buffers, and summarise the pages (``stored``:
+        each row's tokens written so far) once the context passes the token budget; within the
+        budget attention is dense and needs no summaries."""
+        moved = self.pool.grow(longest, min_step) | self.streaming.reserve(longest)
+        if self.pool.heads and self.pool.kmax is None and self.pool.needs_summaries(longest):
+            self.pool.summarize(stored, longest)
+            moved = True
+        if moved:
             self.epoch += 1
 
     def kv_bytes(self, stored: int, reserved: bool = False) -> int:

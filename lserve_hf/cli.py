@@ -6,6 +6,18 @@ import argparse
 import sys
 
 
+def _at_least(low: int):
+    """An argparse type: an integer of at least ``low``, refused by argparse (with the flag's name)
+    before anything runs."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+    parse.__name__ = "int"   # argparse says "invalid int value" for a value that is not a number
+    return parse
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # eval and bench own their flags (--help included): hand them everything after the command
@@ -31,8 +43,8 @@ def main(argv=None) -> int:
     cal.add_argument("--model", default=None,
                      help="a local Transformers model folder; default: the embedded SmolLM2-135M-Instruct")
     cal.add_argument("--output", required=True, help="folder (or .tsv path) to write the pattern to")
-    cal.add_argument("--lengths", type=int, nargs="+", default=None,
-                     help="prompt lengths (tokens); probe: each length (default 2000 3000); "
+    cal.add_argument("--lengths", type=_at_least(16), nargs="+", default=None,
+                     help="prompt lengths (tokens, at least 16); probe: each length (default 2000 3000); "
                      "duo: MIN MAX range drawn from per step (default 1000 3000)")
     cal.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="probe only")
     cal.add_argument("--seeds", type=int, default=1, help="probe: prompts per length and depth")
@@ -41,13 +53,13 @@ def main(argv=None) -> int:
     cal.add_argument("--sink", type=int, default=128, help="the streaming window's sink tokens")
     cal.add_argument("--local", type=int, default=256, help="the streaming window's local tokens")
     duo = cal.add_argument_group("duo (gate training)")
-    duo.add_argument("--steps", type=int, default=200, help="optimisation steps, one prompt each")
+    duo.add_argument("--steps", type=_at_least(1), default=200, help="optimisation steps, one prompt each")
     duo.add_argument("--haystack-file", default=None, help="a text file as haystack (default: synthetic prose)")
     duo.add_argument("--reg", type=float, default=0.05, help="weight of the mean(|alpha|) regulariser")
     duo.add_argument("--lr", type=float, default=0.02, help="AdamW learning rate")
     duo.add_argument("--passkeys", type=int, default=10, help="passkeys per prompt")
     duo.add_argument("--no-checkpointing", action="store_true", help="keep activations (faster, more memory)")
-    duo.add_argument("--save-every", type=int, default=25,
+    duo.add_argument("--save-every", type=_at_least(1), default=25,
                      help="write the gates reached so far every N steps (the final file replaces them)")
     ref = cal.add_argument_group("refine (serving refine of --pattern under a serving config)")
     ref.add_argument("--pattern", default=None,
@@ -80,9 +92,16 @@ def calibrate(args) -> int:
     import time
 
     from .calibration import probe_heads, train_gates
-    from .heads import save_pattern
     from .embedded import load_embedded_model
+    from .heads import check_writable, save_pattern
 
+    # what would fail only once the run is over is refused before the model is even loaded
+    try:
+        check_writable(args.output)
+    except OSError as exc:
+        raise SystemExit(f"lserve-hf calibrate: {exc}") from None
+    if args.method == "duo" and args.lengths and len(args.lengths) > 2:
+        raise SystemExit("lserve-hf calibrate: --lengths takes MIN MAX (or one length) with --method duo")
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,8 +115,6 @@ def calibrate(args) -> int:
     name = args.model or "SmolLM2-135M-Instruct"
     if args.method == "duo":
         lengths = args.lengths or [1000, 3000]
-        if len(lengths) > 2:
-            raise SystemExit("--lengths takes MIN MAX (or one length) with --method duo")
         lo, hi = lengths[0], lengths[-1]
         settings = dict(steps=args.steps, lengths=(lo, hi), sink=args.sink, local=args.local, reg=args.reg,
                         lr=args.lr, n_passkeys=args.passkeys, haystack_file=args.haystack_file,
@@ -129,10 +146,9 @@ def calibrate(args) -> int:
 def _serving_refine(args, model, tok):
     """``--method refine``: serving refine of ``--pattern`` (or the shipped one) under the config
     the flags describe; returns the new scores and what to record in the pattern's config.json."""
-    from .calibration.probe import passkey_probe_prompts
-    from .calibration.serving_refine import serving_refine
-    from .heads import find_shipped_pattern, load_pattern
+    from .calibration import passkey_probe_prompts, serving_refine
     from .config import LServeConfig
+    from .heads import find_shipped_pattern, load_pattern
 
     source = args.pattern or find_shipped_pattern(model.config)
     if source is None:

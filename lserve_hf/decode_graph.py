@@ -54,7 +54,7 @@ class DecodeGraphs:
     def reserve(self, cache) -> None:
         """Grow every page pool outside the graph when the next token would not fit."""
         for layer in cache.layers:
-            layer.reserve(cache.step.longest + 1, min_step=self.GROWTH)
+            layer.reserve(cache.step.longest + 1, cache.lengths_on(layer.device), min_step=self.GROWTH)
 
     def run(self, cache, fwd, device_step, input_ids, position_ids):
         """Replay (capturing first if needed) the decode step ``fwd``; returns its hidden states,

@@ -103,6 +103,10 @@ def check_writable(path: str | os.PathLike) -> None:
     folder = tsv.parent
     while not folder.exists():
         folder = folder.parent
+    if not folder.is_dir():
+        # a file cannot hold the pattern's folder, whatever the permissions (root passes os.access)
+        raise NotADirectoryError(f"cannot write the head pattern to {tsv}: {folder} is a file, not a "
+                                 "folder; choose another --output.")
     if not os.access(folder, os.W_OK) or (tsv.exists() and not os.access(tsv, os.W_OK)):
         raise PermissionError(f"cannot write the head pattern to {tsv}: choose another --output.")
 

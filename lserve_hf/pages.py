@@ -54,8 +54,15 @@ class PagePool:
         self.pool_k[:, :, :n] = torch.gather(self.pool_k[:, :, :n], 2, gather)
         self.pool_v[:, :, :n] = torch.gather(self.pool_v[:, :, :n], 2, gather)
 
-    def summarize(self, lengths: torch.Tensor) -> None:
-        self.kmax, self.kmin = ops.page_summaries(self.pool_k, lengths, self.config)
+    def needs_summaries(self, longest: int) -> bool:
+        """Rows longer than the token budget select pages, from the summaries."""
+        return longest > self.config.token_budget
+
+    def summarize(self, lengths: torch.Tensor, longest: int) -> None:
+        """Summaries of every logical page, once a row is longer than the budget (until then
+        every page is read and summaries would only cost memory and updates)."""
+        if self.needs_summaries(longest):
+            self.kmax, self.kmin = ops.page_summaries(self.pool_k, lengths, self.config)
 
     def grow(self, needed: int, min_step: int = 0) -> bool:
         """Make room for ``needed`` tokens: grow by whole pages (at least ``min_step`` tokens) and
@@ -69,9 +76,10 @@ class PagePool:
         B, Hr, _, D = self.pool_k.shape
         self.pool_k = torch.cat([self.pool_k, self.pool_k.new_zeros(B, Hr, extra, D)], dim=2)
         self.pool_v = torch.cat([self.pool_v, self.pool_v.new_zeros(B, Hr, extra, D)], dim=2)
-        nl = extra // cfg.logical_page_size
-        self.kmax = torch.cat([self.kmax, self.kmax.new_full((B, Hr, nl, D), float("-inf"))], dim=2)
-        self.kmin = torch.cat([self.kmin, self.kmin.new_full((B, Hr, nl, D), float("inf"))], dim=2)
+        if self.kmax is not None:
+            nl = extra // cfg.logical_page_size
+            self.kmax = torch.cat([self.kmax, self.kmax.new_full((B, Hr, nl, D), float("-inf"))], dim=2)
+            self.kmin = torch.cat([self.kmin, self.kmin.new_full((B, Hr, nl, D), float("inf"))], dim=2)
         return True
 
     def append(self, kr: torch.Tensor, vr: torch.Tensor, pos: torch.Tensor) -> None:
@@ -81,14 +89,15 @@ class PagePool:
         idx = pos.view(B, 1, S, 1).expand(B, Hr, S, D)
         self.pool_k.scatter_(2, idx, kr)
         self.pool_v.scatter_(2, idx, vr)
-        ops.update_summaries(self.kmax, self.kmin, kr, pos, self.config)
+        if self.kmax is not None:
+            ops.update_summaries(self.kmax, self.kmin, kr, pos, self.config)
 
     def crop(self, lengths: torch.Tensor, shortest: int, longest: int) -> None:
         """Forget tokens past ``lengths`` (each row's length after a crop; ``shortest`` its host
         minimum, ``longest`` the host maximum before the crop). Their slots stay as they are
         (nothing past a row's length is read); the logical pages they touched are summarised
         again from the tokens that remain."""
-        if not self.heads or longest <= shortest:
+        if not self.heads or longest <= shortest or self.kmax is None:
             return
         lp = self.config.logical_page_size
         a, b = (shortest // lp) * lp, round_up(longest, lp)

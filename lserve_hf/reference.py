@@ -280,13 +280,15 @@ def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=Non
 def streaming_decode(q, sink_k, sink_v, ring_k, ring_v, lengths, sink, local, scale, window=None) -> torch.Tensor:
     """Attention of one query per streaming head over its sink buffer and ring buffer.
 
-    q ``[B, Hkv, G, D]``; sink buffers ``[B, Hkv, sink, D]``; ring buffers ``[B, Hkv, local, D]``;
-    lengths ``[B]`` counts the current token. Returns ``[B, Hkv, G, D]``."""
+    q ``[B, Hkv, G, D]``; sink buffers ``[B, Hkv, <= sink, D]``; ring buffers ``[B, Hkv, <= local,
+    D]`` (fewer slots while no row can fill them); lengths ``[B]`` counts the current token.
+    Returns ``[B, Hkv, G, D]``."""
     acc = _acc_dtype(q)
     B = q.shape[0]
     keys = torch.cat([sink_k, ring_k], dim=2).to(acc)
     vals = torch.cat([sink_v, ring_v], dim=2).to(acc)
-    valid = streaming_decode_slots(lengths, sink, local, window).view(B, 1, 1, -1)
+    valid = streaming_decode_slots(lengths, sink, local, window,
+                                   (sink_k.shape[2], ring_k.shape[2])).view(B, 1, 1, -1)
     scores = torch.einsum("bhgd,bhnd->bhgn", q.to(acc), keys) * scale
     probs = _masked_softmax(scores, valid.expand_as(scores))
     vals = torch.where(valid.view(B, 1, -1, 1), vals, 0.0)

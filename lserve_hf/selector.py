@@ -31,7 +31,11 @@ class PageSelector:
         if self.dense:
             return torch.arange(n_pages, device=q.device).view(1, 1, 1, -1).expand(B, Hr, G, -1)
         if selects:
-            chosen = ops.select_pages(q, pool.kmax, pool.kmin, lengths, cfg.pages_per_selection, cfg)
+            if pool.kmax is None:     # every row within the budget: read all its pages
+                K = cfg.pages_per_selection
+                chosen = torch.arange(K, device=q.device).view(1, 1, 1, K).expand(B, Hr, G, K).contiguous()
+            else:
+                chosen = ops.select_pages(q, pool.kmax, pool.kmin, lengths, cfg.pages_per_selection, cfg)
             if self.pages is None or self.pages.shape != chosen.shape:
                 self.pages = chosen
             else:

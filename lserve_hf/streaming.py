@@ -17,14 +17,17 @@ def ring_tokens(lengths: torch.Tensor, local: int) -> torch.Tensor:
     return last - torch.remainder(last - j, local)
 
 
-def streaming_decode_slots(lengths: torch.Tensor, sink: int, local: int, window: int | None = None) -> torch.Tensor:
-    """Bool ``[B, sink + local]``: which sink/ring slots a streaming head attends to.
+def streaming_decode_slots(lengths: torch.Tensor, sink: int, local: int, window: int | None = None,
+                           slots: tuple[int, int] | None = None) -> torch.Tensor:
+    """Bool ``[B, sink + local]``: which sink/ring slots a streaming head attends to (of the
+    ``slots`` = (sink slots, ring slots) held, when the buffers hold fewer).
 
     A ring slot whose token also sits in the sink buffer is skipped, so no key counts twice.
     ``window`` (Mistral's sliding window) further hides tokens older than the newest ``window``."""
-    s_tok = torch.arange(sink, device=lengths.device).view(1, sink)
+    n_sink, n_ring = (sink, local) if slots is None else slots
+    s_tok = torch.arange(n_sink, device=lengths.device).view(1, n_sink)
     s = s_tok < lengths.view(-1, 1)
-    r = ring_tokens(lengths, local)
+    r = ring_tokens(lengths, local)[:, :n_ring]
     r_ok = (r >= sink) & (r >= 0)
     if window is not None:
         oldest = lengths.view(-1, 1) - window
@@ -32,21 +35,30 @@ def streaming_decode_slots(lengths: torch.Tensor, sink: int, local: int, window:
     return torch.cat([s, r_ok], dim=1)
 
 
-def fill_sink_and_ring(keys: torch.Tensor, lengths: torch.Tensor, sink: int, local: int):
+def fill_sink_and_ring(keys: torch.Tensor, lengths: torch.Tensor, sink: int, local: int,
+                       slots: int | None = None):
     """Sink and ring buffers of a prefill: keys ``[B, H, T, D]`` hold each row's tokens from
-    slot 0 (left padding already removed), ``lengths[b]`` of them. Returns (sink_buf, ring_buf)."""
+    slot 0 (left padding already removed), ``lengths[b]`` of them. Returns (sink_buf, ring_buf).
+    ``slots``: the most tokens a row will hold while the buffers last; buffers get only the slots
+    such rows can fill (``min(sink, slots)``, ``min(local, slots)``)."""
     B, H, T, D = keys.shape
-    sink_buf = keys.new_zeros(B, H, sink, D)
-    n = min(sink, T)
+    n_sink, n_ring = (sink, local) if slots is None else (min(sink, slots), min(local, slots))
+    sink_buf = keys.new_zeros(B, H, n_sink, D)
+    n = min(n_sink, T)
     sink_buf[:, :, :n] = keys[:, :, :n]
-    tok = ring_tokens(lengths, local).clamp(min=0)                       # [B, local]
-    ring_buf = torch.gather(keys, 2, tok.clamp(max=T - 1).view(B, 1, local, 1).expand(B, H, local, D))
+    tok = ring_tokens(lengths, local)[:, :n_ring].clamp(min=0)               # [B, n_ring]
+    ring_buf = torch.gather(keys, 2, tok.clamp(max=T - 1).view(B, 1, n_ring, 1).expand(B, H, n_ring, D))
     return sink_buf, ring_buf
 
 
 class StreamingStore:
     """The streaming heads' KV of one layer: sink buffers ``[B, Hs, sink, D]`` and ring buffers
     ``[B, Hs, local, D]`` for keys and values.
+
+    A short prompt does not reserve the full window: the buffers hold only the slots its rows can
+    fill (at most the ``slots`` given at :meth:`fill`) and :meth:`reserve` grows them, up to
+    ``sink`` and ``local`` slots. Until the ring is full no token has wrapped around (token t
+    sits at slot t), so growing keeps every token in place.
 
     ``before_chunk`` holds the ring as it was before the current multi-token append (a chunk's
     queries must not see the ring slots its own tokens overwrote). ``undo_k``/``undo_v`` (made by
@@ -66,13 +78,19 @@ class StreamingStore:
     def heads(self) -> int:
         return 0 if self.ring_k is None else self.ring_k.shape[1]
 
-    def fill(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+    @property
+    def slots(self) -> tuple[int, int]:
+        """(sink slots, ring slots) held now (at most ``sink`` and ``local``)."""
+        return (0, 0) if self.ring_k is None else (self.sink_k.shape[2], self.ring_k.shape[2])
+
+    def fill(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, slots: int,
              record_past: bool = False) -> None:
-        """From a prompt ``[B, Hs, T, D]`` whose rows start at slot 0, ``lengths[b]`` tokens each.
+        """From a prompt ``[B, Hs, T, D]`` whose rows start at slot 0, ``lengths[b]`` tokens each;
+        ``slots``: tokens per row to make room for (the prompt's, or what generate() will reach).
         ``record_past``: also log what the prompt's newest tokens overwrote in the ring (the token
         ``local`` places before each), so a crop right after the prompt can give it back."""
-        self.sink_k, self.ring_k = fill_sink_and_ring(keys, lengths, self.sink, self.local)
-        self.sink_v, self.ring_v = fill_sink_and_ring(values, lengths, self.sink, self.local)
+        self.sink_k, self.ring_k = fill_sink_and_ring(keys, lengths, self.sink, self.local, slots)
+        self.sink_v, self.ring_v = fill_sink_and_ring(values, lengths, self.sink, self.local, slots)
         self.undo_k = self.undo_v = None
         if record_past:
             B, Hs, T, D = keys.shape
@@ -83,6 +101,24 @@ class StreamingStore:
             self.undo_k = keys.new_zeros(B, Hs, U, D).scatter_(2, slot, torch.gather(keys, 2, src))
             self.undo_v = values.new_zeros(B, Hs, U, D).scatter_(2, slot, torch.gather(values, 2, src))
             self.undo_from = 0
+
+    def reserve(self, tokens: int) -> bool:
+        """Make room for rows of ``tokens`` tokens (doubling, up to the full window). Returns
+        whether the buffers moved (captured decode graphs hold their addresses)."""
+        if not self.heads:
+            return False
+        n_sink, n_ring = self.slots
+        want_sink, want_ring = min(self.sink, tokens), min(self.local, tokens)
+        if want_sink <= n_sink and want_ring <= n_ring:
+            return False
+        grow_sink = max(n_sink, min(self.sink, max(want_sink, 2 * n_sink)))
+        grow_ring = max(n_ring, min(self.local, max(want_ring, 2 * n_ring)))
+
+        def pad(t, n):
+            return t if t.shape[2] == n else torch.cat([t, t.new_zeros(*t.shape[:2], n - t.shape[2], t.shape[3])], 2)
+        self.sink_k, self.sink_v = pad(self.sink_k, grow_sink), pad(self.sink_v, grow_sink)
+        self.ring_k, self.ring_v = pad(self.ring_k, grow_ring), pad(self.ring_v, grow_ring)
+        return True
 
     def keep_undo(self, stored: int) -> bool:
         """Start logging overwritten ring entries; ``stored``: tokens per row now (the host's
@@ -100,9 +136,10 @@ class StreamingStore:
         row already holds ``sink`` tokens (a host fact), so the sink buffer is not touched."""
         B, Hs, S, D = ks.shape
         self.before_chunk = (self.ring_k.clone(), self.ring_v.clone()) if S > 1 else None
-        if self.sink and not past_sink:
-            in_sink = (pos < self.sink).view(B, 1, S, 1)
-            slot = pos.clamp(max=self.sink - 1).view(B, 1, S, 1).expand(B, Hs, S, D)
+        n_sink = self.sink_k.shape[2]
+        if n_sink and not past_sink:
+            in_sink = (pos < n_sink).view(B, 1, S, 1)
+            slot = pos.clamp(max=n_sink - 1).view(B, 1, S, 1).expand(B, Hs, S, D)
             # rows past the sink write a slot's own value back
             self.sink_k.scatter_(2, slot, torch.where(in_sink, ks, self.sink_k.gather(2, slot)))
             self.sink_v.scatter_(2, slot, torch.where(in_sink, vs, self.sink_v.gather(2, slot)))
@@ -150,6 +187,7 @@ class StreamingStore:
             return 0
         B, Hs, _, D = self.ring_k.shape
         live = min(stored, self.sink) + min(max(stored - self.sink, 0), self.local)
+        live = min(live, sum(self.slots))
         return 2 * B * Hs * live * D * self.ring_k.element_size()
 
     def nbytes(self) -> int:

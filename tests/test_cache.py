@@ -86,3 +86,30 @@ def test_reorder_and_select_rows():
     for a, b in zip(cache.layers, before.layers):
         assert torch.equal(a.pool.pool_k[0], b.pool.pool_k[2]) and torch.equal(a.streaming.ring_v[1], b.streaming.ring_v[0])
         assert torch.equal(a.selector.pages[0], b.selector.pages[2])
+
+
+def test_a_short_prompt_holds_no_more_kv_than_dense(embedded):
+    """A 50-token chat prompt: the LServe cache stores at most what a dense cache does (its
+    streaming buffers hold only the slots the prompt fills, no page summaries within the budget),
+    and reserves little more."""
+    from lserve_hf import kv_bytes, unpatch_model
+
+    model, tok = embedded
+    text = tok.apply_chat_template([{"role": "user", "content": "Name three colours of the rainbow, please."}],
+                                   tokenize=False, add_generation_prompt=True)
+    x = tok(text, return_tensors="pt", add_special_tokens=False)
+    unpatch_model(model)
+    try:
+        with torch.no_grad():
+            dense = model.generate(**x, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+            patch_model(model)
+            sparse = model.generate(**x, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    finally:
+        unpatch_model(model)
+    assert torch.equal(sparse.sequences, dense.sequences)
+    d, s = kv_bytes(dense.past_key_values), kv_bytes(sparse.past_key_values)
+    assert s <= d, (s, d)
+    # reserved: whole 64-token pages, and sink and window slots both back the first tokens; but not
+    # the full 128 + 256 slots of the window
+    layer = sparse.past_key_values.layers[0]
+    assert sum(layer.streaming.slots) <= 2 * 64 and kv_bytes(sparse.past_key_values, reserved=True) <= 2.5 * d

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from lserve_hf.heads import load_pattern
@@ -43,3 +44,46 @@ def test_calibrate_refine_reranks_the_shipped_pattern_near_the_threshold(embedde
     outside[band] = False
     assert torch.equal(new[outside], old[outside])
     assert torch.equal(new[band].sort().values, old[band].sort().values)
+
+
+def _no_model(monkeypatch):
+    """Calibrate must refuse its arguments before it loads a model."""
+    import lserve_hf.embedded
+
+    def load(device=None):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(lserve_hf.embedded, "load_embedded_model", load)
+
+
+def test_calibrate_refuses_an_unwritable_output_before_the_run(tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder\n")
+    # under a regular file no folder can ever be made, whoever runs (root passes permission checks)
+    for output in (a_file / "pattern", a_file / "pattern.tsv", a_file / "deeper" / "pattern"):
+        with pytest.raises(SystemExit, match="is a file, not a folder"):
+            main(["calibrate", "--output", str(output)])
+    assert a_file.read_text() == "not a folder\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lengths", "8"], "argument --lengths: 8 is less than 16"),
+    (["--lengths", "700", "15"], "argument --lengths: 15 is less than 16"),
+    (["--method", "duo", "--steps", "0"], "argument --steps: 0 is less than 1"),
+    (["--method", "duo", "--save-every", "0"], "argument --save-every: 0 is less than 1"),
+    (["--lengths", "many"], "argument --lengths: invalid int value: 'many'"),
+])
+def test_calibrate_refuses_bad_lengths_and_steps(tmp_path, monkeypatch, capsys, flags, message):
+    _no_model(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--output", str(tmp_path / "pattern"), *flags])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "pattern").exists()
+
+
+def test_calibrate_duo_refuses_more_than_two_lengths_before_the_run(tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    with pytest.raises(SystemExit, match="MIN MAX"):
+        main(["calibrate", "--method", "duo", "--output", str(tmp_path / "pattern"),
+              "--lengths", "100", "200", "300"])

@@ -232,7 +232,7 @@ def test_prompt_lookup_decoding_gives_the_greedy_tokens(sparsity):
 def test_crop_gives_back_what_a_chunk_overwrote():
     """crop(-n) after a multi-token append leaves the stores of a cache that never saw the n
     tokens, streaming rings included."""
-    cfg = LServeConfig(streaming_sparsity=0.5, page_size=16, logical_page_size=4, token_budget=512,
+    cfg = LServeConfig(streaming_sparsity=0.5, page_size=16, logical_page_size=4, token_budget=16,
                        prefill_sink=2, prefill_local=8, decode_sink=2, decode_local=8)
     model = patch_model(tiny_llama(), cfg, PATTERN)
     ids = ids_of(2, 40)

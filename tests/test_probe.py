@@ -7,10 +7,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lserve_hf.calibration import probe_heads
-from lserve_hf.heads import load_pattern
-from lserve_hf.calibration.probe import ProbePrompt
-from lserve_hf.heads import find_shipped_pattern
+from lserve_hf.calibration import ProbePrompt, probe_heads
+from lserve_hf.heads import find_shipped_pattern, load_pattern
+from lserve_hf.patch import set_attention_implementation
 
 SINK, LOCAL = 4, 16
 
@@ -112,7 +111,7 @@ def test_shipped_smollm2_pattern():
 def test_passkey_probe_prompts_locate_needle():
     from transformers import AutoTokenizer
 
-    from lserve_hf.calibration.probe import passkey_probe_prompts
+    from lserve_hf.calibration import passkey_probe_prompts
     from lserve_hf.embedded import GGUF_FILE, embedded_model_dir
 
     tok = AutoTokenizer.from_pretrained(embedded_model_dir(), gguf_file=GGUF_FILE)
@@ -140,15 +139,15 @@ def test_window_covering_everything_scores_zero(tiny):
 
 def _gate_logp(model, p, alpha):
     from lserve_hf.calibration import gating as G
-    from lserve_hf.calibration import probe as P
+    from lserve_hf.calibration.probe_gates import forward_logprob
 
     before = model.config._attn_implementation
-    P.set_attention_implementation(model, G.GATE_ATTN)
+    set_attention_implementation(model, G.GATE_ATTN)
     try:
-        with G.applied(G.Gate(alpha, SINK, LOCAL)) as gate:
-            return P._answer_logprob(model, p.input_ids[None], p.n_query, p.answer, gate)
+        with G.applied(G.Gate(alpha, SINK, LOCAL)):
+            return forward_logprob(model, p)
     finally:
-        P.set_attention_implementation(model, before)
+        set_attention_implementation(model, before)
 
 
 def test_gradient_metric_shape_deterministic_restores(tiny):
@@ -194,7 +193,6 @@ def test_gate_streaming_branch_matches_reference(tiny):
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     from lserve_hf.calibration import gating as G
-    from lserve_hf.calibration import probe as P
     from lserve_hf.reference import prefill_attention
 
     ids = _prompts(7, n=1)[0].input_ids[None]
@@ -211,12 +209,12 @@ def test_gate_streaming_branch_matches_reference(tiny):
         with torch.no_grad():
             tiny.set_attn_implementation("test_ref_stream")
             logits["ref"] = tiny(input_ids=ids).logits
-            P.set_attention_implementation(tiny, G.GATE_ATTN)
+            set_attention_implementation(tiny, G.GATE_ATTN)
             for name, a in (("stream", 0.0), ("full", 1.0)):
                 with G.applied(G.Gate(torch.full((3, 2), a), SINK, LOCAL)):
                     logits[name] = tiny(input_ids=ids).logits
     finally:
-        P.set_attention_implementation(tiny, before)
+        set_attention_implementation(tiny, before)
     with torch.no_grad():
         dense = tiny(input_ids=ids).logits
     torch.testing.assert_close(logits["stream"], logits["ref"], atol=1e-4, rtol=1e-4)

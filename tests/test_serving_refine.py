@@ -7,8 +7,7 @@ import torch
 
 from conftest import tiny_llama
 from lserve_hf import LServeConfig, patch_model, unpatch_model
-from lserve_hf.calibration.probe import ProbePrompt
-from lserve_hf.calibration.serving_refine import served_logprob, serving_refine
+from lserve_hf.calibration import ProbePrompt, served_logprob, serving_refine
 
 # 96-token prompts against a 32-token budget: decode steps select pages; windows of 16 tokens
 CFG = LServeConfig(streaming_sparsity=0.5, prefill_sink=4, prefill_local=16, decode_sink=4, decode_local=16,

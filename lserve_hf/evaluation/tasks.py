@@ -12,8 +12,10 @@ Tasks (names accepted by :func:`make_case`):
     niah_multiquery    several keys asked at once, every value must be returned
     vt                 variable tracking: follow a chain ``VAR X = VAR Y``, name every variable
                        that holds the value
-Haystacks: ``"filler"`` (repeated filler sentences), ``"essay"`` (seeded synthetic prose) or the
-text of any file (``haystack_file=``).
+    code               a 5-digit secret code in one sentence (with the ``prose`` haystack: real text)
+Haystacks: ``"filler"`` (repeated filler sentences), ``"essay"`` (seeded synthetic prose),
+``"prose"`` (real English prose: CPython's reference documentation, ``pydoc_data.topics``, which
+ships with Python) or the text of any file (``haystack_file=``).
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from dataclasses import asdict, dataclass, field
 
 from ..passkey import FILLER
 
-TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
-HAYSTACKS = ("filler", "essay")
+TASKS = ("passkey", "code", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
+HAYSTACKS = ("filler", "essay", "prose")
 
 # default tokens to generate per task (answers of the multi-needle tasks are longer)
-DEFAULT_NEW_TOKENS = {"passkey": 12, "niah_single": 16, "niah_multikey": 16,
+DEFAULT_NEW_TOKENS = {"passkey": 12, "code": 8, "niah_single": 16, "niah_multikey": 16,
                       "niah_multivalue": 64, "niah_multiquery": 64, "vt": 40}
 UUID_EXTRA_TOKENS = 32     # a UUID is ~36 tokens for byte-level tokenizers
 
@@ -65,7 +67,8 @@ _ESSAY_NOUNS = ("detail", "structure", "habit", "tool", "question", "method", "a
                 "schedule", "material", "story", "pattern", "mistake", "routine", "idea")
 
 
-def _split_sentences(text: str) -> list[str]:
+def split_sentences(text: str) -> list[str]:
+    """The sentences of a text, whitespace normalised (the haystack a text file gives)."""
     parts = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split()))]
     return [s for s in parts if s]
 
@@ -75,12 +78,12 @@ def haystack_sentences(kind: str = "filler", seed: int = 0, haystack_file: str |
     """At least ``n`` sentences of haystack (repeated cyclically when a file is short)."""
     if haystack_file:
         with open(haystack_file, encoding="utf-8", errors="replace") as f:
-            base = _split_sentences(f.read())
+            base = split_sentences(f.read())
         if not base:
             raise ValueError(f"{haystack_file} holds no text to use as a haystack.")
         return [base[i % len(base)] for i in range(max(n, len(base)))]
     if kind == "filler":
-        base = _split_sentences(FILLER)
+        base = split_sentences(FILLER)
         return [base[i % len(base)] for i in range(n)]
     if kind == "essay":
         rng = random.Random(f"essay-{seed}")
@@ -89,7 +92,51 @@ def haystack_sentences(kind: str = "filler", seed: int = 0, haystack_file: str |
             n1, n2 = rng.sample(_ESSAY_NOUNS, 2)
             out.append(rng.choice(_ESSAY_TEMPLATES).format(t=rng.choice(_TOPICS), n=n1, n2=n2))
         return out
+    if kind == "prose":
+        topics = prose_by_topic()
+        rng = random.Random(f"prose-{seed}")
+        names = sorted(topics)
+        rng.shuffle(names)
+        stream = topics[names[0]][rng.randrange(len(topics[names[0]])):]
+        for name in names[1:]:
+            if len(stream) >= n:
+                break
+            stream = stream + topics[name]
+        return [stream[i % len(stream)] for i in range(max(n, len(stream)))]
     raise ValueError(f"haystack={kind!r}: use one of {HAYSTACKS} or haystack_file=PATH.")
+
+
+_PROSE: dict | None = None
+
+
+def prose_by_topic() -> dict[str, list[str]]:
+    """Real English prose that ships with Python: the sentences of CPython's reference
+    documentation (``pydoc_data.topics``), topic by topic. Only running text: unindented
+    paragraphs (code, grammar and tables are indented), no titles, sentences of five words or
+    more that start upper-case, end with . ! or ?, and hold no digit (no number competes with a
+    needle's)."""
+    global _PROSE
+    if _PROSE is None:
+        import pydoc_data.topics as pydoc_topics
+
+        out = {}
+        for name in sorted(pydoc_topics.topics):
+            sents = []
+            for para in re.split(r"\n\s*\n", pydoc_topics.topics[name]):
+                lines = [ln for ln in para.split("\n") if ln.strip()]
+                if not lines or any(ln.startswith(" ") for ln in lines):
+                    continue
+                if re.fullmatch(r"[*=\-^~\"]+", lines[-1].strip()):
+                    continue   # a title and its underline
+                joined = " ".join(ln.strip() for ln in lines)
+                if "::=" in joined or ">>>" in joined:
+                    continue
+                sents += [t for t in split_sentences(joined) if len(t.split()) >= 5 and t[0].isupper()
+                          and t[-1] in ".!?" and not re.search(r"\d", t)]
+            if sents:
+                out[name] = sents
+        _PROSE = out
+    return _PROSE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +173,8 @@ def _value(rng: random.Random, value_type: str) -> str:
     raise ValueError(f"value_type={value_type!r}: use 'number' or 'uuid'.")
 
 
-def _keys(rng: random.Random, k: int) -> list[str]:
+def needle_keys(rng: random.Random, k: int) -> list[str]:
+    """``k`` distinct "adjective-noun" keys that needles are stored under."""
     pairs = rng.sample([(a, b) for a in _ADJ for b in _NOUN], k)
     return [f"{a}-{b}" for a, b in pairs]
 
@@ -153,13 +201,20 @@ def _spec(task: str, rng: random.Random, depth: float, value_type: str, n_multi:
                 "Find it and memorize it. I will quiz you about the important information there.\n\n")
         return (head, [(depth, f"The pass key is {pk}. Remember it. {pk} is the pass key.", True)],
                 "\n\nWhat is the pass key? The pass key is", [pk])
+    if task == "code":
+        code = str(rng.randint(10000, 99999))
+        head = ("The following text is taken from the Python reference documentation. A secret code is "
+                "hidden somewhere in it. Find the secret code and remember it; you will be asked for it "
+                "at the end.\n\n")
+        return (head, [(depth, f"The secret code for the archive is {code}.", True)],
+                "\n\nWhat is the secret code for the archive? The secret code for the archive is", [code])
     if task == "niah_single":
-        key, val = _keys(rng, 1)[0], _value(rng, value_type)
+        key, val = needle_keys(rng, 1)[0], _value(rng, value_type)
         q = (f"\n\nWhat is the special magic {kind} for {key} mentioned in the provided text? "
              f"The special magic {kind} for {key} mentioned in the provided text is")
         return rhead, [(depth, needle(key, val), True)], q, [val]
     if task == "niah_multikey":
-        keys = _keys(rng, n_multi)
+        keys = needle_keys(rng, n_multi)
         vals = [_value(rng, value_type) for _ in keys]
         # distractors on both sides of the asked needle, 5% of the haystack apart
         ask = n_multi // 2
@@ -171,14 +226,14 @@ def _spec(task: str, rng: random.Random, depth: float, value_type: str, n_multi:
              f"The special magic {kind} for {keys[ask]} mentioned in the provided text is")
         return rhead, needles, q, [vals[ask]]
     if task == "niah_multivalue":
-        key = _keys(rng, 1)[0]
+        key = needle_keys(rng, 1)[0]
         vals = [_value(rng, value_type) for _ in range(n_multi)]
         needles = [(d, needle(key, v), True) for d, v in zip(_spread(depth, n_multi, 0.05), vals)]
         q = (f"\n\nWhat are all the special magic {kind}s for {key} mentioned in the provided text? "
              f"The special magic {kind}s for {key} mentioned in the provided text are")
         return rhead, needles, q, vals
     if task == "niah_multiquery":
-        keys = _keys(rng, n_multi)
+        keys = needle_keys(rng, n_multi)
         vals = [_value(rng, value_type) for _ in keys]
         needles = [(d, needle(k, v), True) for d, k, v in zip(_spread(depth, n_multi, 0.05), keys, vals)]
         ks = ", ".join(keys[:-1]) + f" and {keys[-1]}"
@@ -297,7 +352,9 @@ def _new_tokens(task: str, value_type: str, n_expected: int) -> int:
     return DEFAULT_NEW_TOKENS[task] + extra
 
 
-def make_grid(tokenizer, tasks, lengths, depths, seed: int = 0, **kwargs) -> list[Case]:
-    """Every (task, length, depth) case, lengths ascending (so partial runs cover all methods)."""
-    return [make_case(tokenizer, t, L, d, seed, **kwargs)
-            for L in sorted(lengths) for t in tasks for d in depths]
+def make_grid(tokenizer, tasks, lengths, depths, seed: int = 0, seeds=None, **kwargs) -> list[Case]:
+    """Every (task, length, depth, seed) case, lengths ascending (so partial runs cover all
+    methods). ``seeds``: several seeds (haystack text and needle values); default ``(seed,)``."""
+    seeds = (seed,) if seeds is None else tuple(seeds)
+    return [make_case(tokenizer, t, L, d, s, **kwargs)
+            for L in sorted(lengths) for t in tasks for s in seeds for d in depths]
