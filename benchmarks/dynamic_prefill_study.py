@@ -211,12 +211,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="2048,4096,6144,8192")
     ap.add_argument("--prompts", type=int, default=2, help="prompts per length")
+    ap.add_argument("--mass", type=float, default=None, help="dynamic_mass (default: the config's)")
+    ap.add_argument("--no-cost", action="store_true", help="skip the cost table")
     ap.add_argument("--out", default=None, help="write the per-head rows as JSON")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     model, tok = load_embedded_model()
     mc = model.config
-    cfg = LServeConfig()
+    cfg = LServeConfig() if args.mass is None else LServeConfig(dynamic_mass=args.mass)
     streaming = model_streaming_heads(mc, cfg.streaming_sparsity)
     set_attention_implementation(model, STUDY_ATTN)
     rec = Recorder(streaming, cfg)
@@ -233,6 +235,8 @@ def main(argv=None) -> int:
           f"{cfg.dynamic_max_density}], block {cfg.dynamic_block}; {int((~streaming).sum())} retrieval heads, "
           f"{args.prompts} prompts per length\n")
     print(summary(rec.rows, methods))
+    if args.no_cost:
+        return 0
     hq, hkv, d = mc.num_attention_heads, mc.num_key_value_heads, mc.hidden_size // mc.num_attention_heads
     print("\n## Cost of the pooled estimate, one layer (all heads as retrieval heads, random inputs, CPU)\n")
     print("| tokens | density | estimator FLOPs / saved FLOPs (antidiag's) | estimator ms | dense reference ms | "

@@ -159,9 +159,11 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, s
 
 # Arguments that change with the prompt length or the batch: runtime values, not specialised (Triton
 # would otherwise compile a variant per value class, ==1 or %16, and stall a new prompt length).
-# (strides stay specialised: multiples of the head dim at any length, they prove alignment)
+# (strides stay specialised: multiples of the head dim at any length, they prove alignment; not
+# the key-block lists' strides, which follow the number of blocks and address scalar loads only)
 LENGTH_ARGS = {
-    "_block_sparse_prefill_kernel": ["B", "Sq", "Skv", "q_offset"],
+    "_block_sparse_prefill_kernel": ["B", "Sq", "Skv", "q_offset",
+                                     "stride_lb", "stride_lh", "stride_lq", "stride_cb", "stride_ch"],
 }
 
 
