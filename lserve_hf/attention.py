@@ -86,7 +86,7 @@ def _prefill(query, key, value, mask, plan, cfg, scale, window, dropout):
                                mask, scale, window, dropout, cfg.prefill_query_block)
     blocks = prefill_blocks(query, key, cfg, plan, q_offset, mask.kv_start, scale, window)
     return ops.prefill(query, key, value, streaming, cfg.prefill_sink, cfg.prefill_local, q_offset,
-                       mask.kv_start, scale, window, cfg, blocks=blocks)
+                       mask.kv_start, scale, window, cfg, blocks=blocks, memo=mask.memo)
 
 
 def _chunk_prefill(query, layer, cache, fwd, mask, plan, cfg, scale, window):
@@ -105,7 +105,8 @@ def _chunk_prefill(query, layer, cache, fwd, mask, plan, cfg, scale, window):
             blocks = None if streams else prefill_blocks(query, k[:, :, :T], cfg, plan, T - S, mask.kv_start,
                                                          scale, window, q_heads)
             ops.prefill(query, k[:, :, :T], v[:, :, :T], kinds, cfg.prefill_sink, cfg.prefill_local, T - S,
-                        mask.kv_start, scale, window, cfg, out=out, q_heads=q_heads, blocks=blocks)
+                        mask.kv_start, scale, window, cfg, out=out, q_heads=q_heads, blocks=blocks,
+                        memo=mask.memo)
     return out
 
 

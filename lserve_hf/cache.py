@@ -42,7 +42,7 @@ class LServeLayer(CacheLayerMixin):
         self.capacity = capacity    # tokens to allocate the page pool for at prefill (0: the prompt's)
         self.streaming = StreamingStore(cfg.decode_sink, cfg.decode_local)
         self.pool = PagePool(cfg)
-        self.selector = PageSelector(cfg, plan.dense)
+        self.selector = PageSelector(cfg, plan.dense, plan.rope_inv_freq)
         self.prompt_k = self.prompt_v = None   # streaming heads' prompt while it comes in chunks
         self.epoch = 0
 
@@ -193,7 +193,7 @@ class LServeCache(Cache):
         super().__init__(layers=[LServeLayer(p) for p in plans])
         self.max_length = max_length
         self.patch_token = patch_token     # the patch_model call this cache was made for
-        self.step = DecodeStep(self.config.selector_interval)
+        self.step = DecodeStep(self.config.refresh_interval)
         self._lengths = {}        # device -> int64 [B]: real tokens stored per row
         self.kv_start = None      # [B] each row's left padding in the prompt
         self.padded = False       # host: some row of the prompt is left-padded

@@ -39,8 +39,20 @@ class LServeConfig:
             is attended densely. A multiple of ``page_size``. None (default): the published 4096,
             scaled down for short-context models (a sixteenth of ``max_position_embeddings``, at
             least 4 pages); ``patch_model`` logs the value it chose.
-        selector_interval: decode steps a page selection is reused for (default 4); the newest
-            page is attended at every step regardless.
+        selector: how a page selection is kept between decode steps. "drift" (default): each
+            retrieval query head keeps its selection while its query stays close to the query
+            that made it (cosine of the two queries taken before RoPE, so that the position step
+            does not count, at least ``selector_drift``), and chooses its pages afresh as soon as
+            it drifts; every head chooses afresh every ``selector_max_age`` steps. On real prose
+            this keeps the answers of a fresh selection at every step while choosing afresh in
+            about a quarter of the head-steps (EVAL.md). "reuse": LServe's rule, every head
+            reuses the selection for ``selector_interval`` steps (it loses answers on real prose:
+            the query right after the prompt often looks elsewhere than the next ones).
+        selector_drift: the cosine under which a query head chooses its pages afresh (default
+            0.8; 1 re-selects at every step).
+        selector_max_age: the most steps a "drift" selection is kept (default 16).
+        selector_interval: decode steps a selection is reused for with ``selector="reuse"``
+            (default 4, LServe's); the newest page is attended at every step regardless.
         dense_layers: layer indices kept fully dense (no streaming heads, no page selection).
             Quest keeps layers 0 and 1 dense; LServe exempts none by default.
 
@@ -79,6 +91,9 @@ class LServeConfig:
     page_size: int = 64
     logical_page_size: int = 16
     token_budget: int | None = None
+    selector: str = "drift"
+    selector_drift: float = 0.8
+    selector_max_age: int = 16
     selector_interval: int = 4
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     backend: str = "auto"
@@ -110,7 +125,7 @@ class LServeConfig:
                 "KV heads that stream; use e.g. 0.5 (half the heads) or 0 (no streaming heads).")
         for name, low in (("prefill_sink", 0), ("decode_sink", 0), ("prefill_local", 1),
                           ("decode_local", 1), ("page_size", 1), ("logical_page_size", 1),
-                          ("selector_interval", 1), ("prefill_query_block", 1),
+                          ("selector_interval", 1), ("selector_max_age", 1), ("prefill_query_block", 1),
                           ("token_budget", 1), ("prefill_chunk_size", 1)):
             value = getattr(self, name)
             if value is None and name in ("prefill_local", "token_budget", "prefill_chunk_size"):
@@ -131,6 +146,11 @@ class LServeConfig:
                             "e.g. dense_layers=(0, 1).")
         layers = tuple(_integer("dense_layers", i, 0) for i in self.dense_layers)
         set_(self, "dense_layers", layers)
+        if self.selector not in ("drift", "reuse"):
+            raise ValueError(f"selector={self.selector!r} is not one of 'drift' (default) or 'reuse' (LServe's).")
+        set_(self, "selector_drift", _number("selector_drift", self.selector_drift))
+        if not -1.0 <= self.selector_drift <= 1.0:
+            raise ValueError(f"selector_drift={self.selector_drift} is a cosine: choose it in [-1, 1] (e.g. 0.8).")
         if not isinstance(self.backend, str) or self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend={self.backend!r} is not one of 'auto', 'triton', 'torch'.")
         if not isinstance(self.cuda_graphs, bool):
@@ -158,6 +178,11 @@ class LServeConfig:
 
     def __hash__(self):
         return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+    @property
+    def refresh_interval(self) -> int:
+        """Decode steps between two selections of every head from scratch."""
+        return self.selector_max_age if self.selector == "drift" else self.selector_interval
 
     @property
     def logical_per_page(self) -> int:

@@ -70,23 +70,24 @@ def _supported(cfg, op: str, x: torch.Tensor, head_dims=None, why: str | None = 
 
 
 def prefill(q, k, v, streaming, sink, local, q_offset, kv_start, scale, sliding_window, cfg,
-            out=None, q_heads=None, blocks=None):
+            out=None, q_heads=None, memo=None, blocks=None):
     """Block-sparse prefill of q ``[B, Hq, S, D]`` against k, v ``[B, Hkv, N, D]``; with
-    ``q_heads`` only those query heads of q (G per KV head of k) are computed, into ``out``;
-    ``blocks``: key-block lists of the dense heads (``dynamic_prefill.KeyBlocks``)."""
+    ``q_heads`` only those query heads of q (G per KV head of k) are computed, into ``out``.
+    ``memo``: the forward's mask memo (``PromptMask.memo``) for the torch path; ``blocks``:
+    key-block lists of the dense heads (``dynamic_prefill.KeyBlocks``)."""
     kernels = _kernels_for(cfg, q)
     if kernels is not None and _supported(cfg, "prefill", q, head_dims=(64, 128)):
         return kernels.block_sparse_prefill(q, k, v, streaming, sink, local, q_offset, kv_start, scale,
                                             sliding_window, out=out, q_heads=q_heads, blocks=blocks)
     if q_heads is None:
         o = reference.prefill_attention(q, k, v, streaming, sink, local, q_offset, kv_start, scale,
-                                        sliding_window, cfg.prefill_query_block, blocks)
+                                        sliding_window, cfg.prefill_query_block, memo, blocks)
         if out is None:
             return o
         out.copy_(o)
         return out
     o = reference.prefill_attention(q.index_select(1, q_heads), k, v, streaming, sink, local, q_offset,
-                                    kv_start, scale, sliding_window, cfg.prefill_query_block, blocks)
+                                    kv_start, scale, sliding_window, cfg.prefill_query_block, memo, blocks)
     out[:, q_heads] = o
     return out
 
@@ -107,16 +108,23 @@ def update_summaries(kmax, kmin, new_k, positions, cfg) -> None:
     reference.update_page_summaries(kmax, kmin, new_k, positions, cfg.logical_page_size)
 
 
-def select_pages(q, kmax, kmin, lengths, n_select, cfg) -> torch.Tensor:
-    """Pages per retrieval query head, ``[B, Hr, G, n_select]`` (``reference.select_pages``)."""
+def select_pages(q, kmax, kmin, lengths, n_select, cfg, need=None, out=None) -> torch.Tensor:
+    """Pages per retrieval query head, ``[B, Hr, G, n_select]`` (``reference.select_pages``).
+    With ``need`` (bool ``[B, Hr, G]``) only those query heads choose, into ``out``; the others
+    keep what ``out`` holds (the kernels skip their work)."""
     kernels = _kernels_for(cfg, q)
     if kernels is not None:
         from .kernels.page_selector import unsupported
 
         why = unsupported(q, cfg.page_size, cfg.logical_page_size) if q.dtype != torch.float64 else None
         if _supported(cfg, "page selection", q, why=why):
-            return kernels.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select)
-    return reference.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select)
+            return kernels.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select,
+                                        need=need, out=out)
+    fresh = reference.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select)
+    if need is None:
+        return fresh
+    out.copy_(torch.where(need.unsqueeze(-1), fresh, out))
+    return out
 
 
 def decode(q_s, sink_k, sink_v, ring_k, ring_v, q_r, pool_k, pool_v, pages, lengths, cfg, scale,

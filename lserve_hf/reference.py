@@ -116,15 +116,18 @@ def _listed_attention(q, k, v, index, count, block, q_offset, kv_start, scale, s
 
 
 def prefill_attention(q, k, v, streaming, sink, local, q_offset=0, kv_start=None, scale=None,
-                      sliding_window=None, query_block=1024, blocks=None) -> torch.Tensor:
+                      sliding_window=None, query_block=1024, memo: dict | None = None,
+                      blocks=None) -> torch.Tensor:
     """Block-sparse prefill attention.
 
     q ``[B, Hq, Sq, D]``; k, v ``[B, Hkv, Skv, D]``; ``streaming`` bool ``[Hkv]``; query i sits at
     position ``q_offset + i``. Returns ``[B, Hq, Sq, D]`` in q's dtype; a query that sees no key
     (padding) gets zeros. Dense heads with no padding, offset or window are one causal SDPA call;
-    otherwise queries go in blocks of ``query_block``, each against the keys it can reach.
-    ``blocks`` (``dynamic_prefill.KeyBlocks``, lists per KV head of k): each dense head's query
-    block reads only its listed key blocks, under the same token mask."""
+    otherwise queries go in blocks of ``query_block``, each against the keys it can reach, the G
+    query heads of a KV head stacked along the queries (one mask, no repeated keys). ``memo``:
+    a dict kept for one forward, in which the block masks (the same for every layer) are made
+    once. ``blocks`` (``dynamic_prefill.KeyBlocks``, lists per KV head of k): each dense head's
+    query block reads only its listed key blocks, under the same token mask."""
     B, Hq, S, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -151,22 +154,35 @@ def prefill_attention(q, k, v, streaming, sink, local, q_offset=0, kv_start=None
             o = sdpa(qh, kh, vh, scale=scale, is_causal=True)
             out[:, heads] = o.view(B, heads.numel(), G, S, D)
             continue
+        n = heads.numel()
+        qk = qg.index_select(1, heads)                                      # [B, n, G, S, D]
         for s0 in range(0, S, query_block):
             s1 = min(S, s0 + query_block)
             keys = _reachable_keys(q_offset + s0, q_offset + s1 - 1, N, streams, sink, local, start_max,
                                    sliding_window)
             if isinstance(keys, slice):
-                k_pos = torch.arange(keys.start, keys.stop, device=q.device)
                 kb, vb = kh[:, :, keys], vh[:, :, keys]
             else:
-                k_pos = keys.to(q.device)
-                kb, vb = kh.index_select(2, k_pos), vh.index_select(2, k_pos)
-            q_pos = torch.arange(q_offset + s0, q_offset + s1, device=q.device)
-            mask = prefill_mask(q_pos, k_pos, streams, sink, local, kv_start, sliding_window)
-            seen = mask.any(-1, keepdim=True)
-            o = sdpa(qh[:, :, s0:s1], kb, vb, mask | ~seen, scale)
-            o = torch.where(seen, o, 0.0)
-            out[:, heads, :, s0:s1] = o.view(B, heads.numel(), G, s1 - s0, D)
+                kb, vb = kh.index_select(2, keys.to(q.device)), vh.index_select(2, keys.to(q.device))
+            key = (streams, s0, s1, N, q_offset, sink, local, sliding_window)
+            if memo is None or key not in memo:
+                k_pos = (torch.arange(keys.start, keys.stop, device=q.device) if isinstance(keys, slice)
+                         else keys.to(q.device))
+                q_pos = torch.arange(q_offset + s0, q_offset + s1, device=q.device)
+                mask = prefill_mask(q_pos, k_pos, streams, sink, local, kv_start, sliding_window)
+                seen = mask.any(-1, keepdim=True)
+                # the G query heads stacked along the queries: [B|1, 1, G * block, keys]
+                entry = ((mask | ~seen).repeat(1, 1, G, 1), seen.repeat(1, 1, G, 1))
+                if memo is None:
+                    mask_g, seen_g = entry
+                else:
+                    memo[key] = entry
+            if memo is not None:
+                mask_g, seen_g = memo[key]
+            qb = qk[:, :, :, s0:s1].reshape(B, n, G * (s1 - s0), D)
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask_g, scale=scale)
+            o = torch.where(seen_g, o, 0.0)
+            out[:, heads, :, s0:s1] = o.view(B, n, G, s1 - s0, D)
     return out.view(B, Hq, S, D)
 
 
@@ -227,6 +243,18 @@ def page_scores(q: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, lengths
     return logical.view(B, Hkv, -1, NL // lpp, lpp).amax(-1)
 
 
+def unrope(q: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Queries ``[B, H, G, D]`` rotated back from RoPE at ``positions`` ``[B]`` (Llama's
+    rotate-half convention; ``inv_freq`` ``[D / 2]`` the model's frequencies), in float32."""
+    B, D = q.shape[0], q.shape[-1]
+    angle = positions.float().view(B, 1) * inv_freq.view(1, -1)
+    angle = torch.cat([angle, angle], -1).view(B, 1, 1, D)
+    q = q.float()
+    half = D // 2
+    rotated = torch.cat([-q[..., half:], q[..., :half]], -1)
+    return q * angle.cos() - rotated * angle.sin()
+
+
 def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select) -> torch.Tensor:
     """Page selection per query head: int64 ``[B, Hkv, G, n_select]``.
 
@@ -248,6 +276,23 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select)
 
 # -- decode -------------------------------------------------------------------------------------
 
+def _one_query_attention(q, keys, values, valid, scale) -> torch.Tensor:
+    """One query per (row, KV head, query head) against its own keys: q ``[B, H, G, D]``, keys and
+    values ``[B, H, G or 1, N, D]``, valid ``[B, H, G or 1, N]``. Keys and values outside
+    ``valid`` may hold anything (even NaN): they are zeroed first, then masked. A query with no
+    valid key gets zeros. One fused SDPA call (float32, or float64 for float64 inputs)."""
+    acc = _acc_dtype(q)
+    B, H, G, D = q.shape
+    ok = valid.unsqueeze(-1)
+    keys = torch.where(ok, keys.to(acc), 0.0).expand(B, H, G, -1, D).flatten(1, 2)
+    values = torch.where(ok, values.to(acc), 0.0).expand(B, H, G, -1, D).flatten(1, 2)
+    mask = valid.expand(B, H, G, -1).flatten(1, 2).unsqueeze(2)          # [B, H*G, 1, N]
+    seen = mask.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q.to(acc).flatten(1, 2).unsqueeze(2), keys, values,
+                                         attn_mask=mask | ~seen, scale=scale)
+    return torch.where(seen, out, 0.0).view(B, H, G, D).to(q.dtype)
+
+
 def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=None) -> torch.Tensor:
     """Attention of one query per head over selected pages only.
 
@@ -255,26 +300,19 @@ def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=Non
     past the row's pages means an empty slot). Reads only the gathered pages. Returns
     ``[B, Hkv, G, D]`` in q's dtype. ``window`` (Mistral's sliding window) hides tokens older than
     the newest ``window``."""
-    acc = _acc_dtype(q)
     B, Hkv, T, D = pool_k.shape
     P = T // page_size
+    G, K = pages.shape[2], pages.shape[3]
     slot_ok = (pages >= 0) & (pages < P)
-    idx = pages.clamp(0, P - 1)
-    flat = idx.flatten(2)                                                 # [B, Hkv, G*K]
-    kp = pool_k.view(B, Hkv, P, page_size, D)
-    vp = pool_v.view(B, Hkv, P, page_size, D)
-    gidx = flat.view(B, Hkv, -1, 1, 1).expand(-1, -1, -1, page_size, D)
-    ksel = torch.gather(kp, 2, gidx).view(*pages.shape, page_size, D)     # [B, Hkv, G, K, page, D]
-    vsel = torch.gather(vp, 2, gidx).view(*pages.shape, page_size, D)
-    tok = idx.unsqueeze(-1) * page_size + torch.arange(page_size, device=q.device)
-    valid = slot_ok.unsqueeze(-1) & (tok < lengths.view(B, 1, 1, 1, 1))   # [B, Hkv, G, K, page]
+    tok = pages.clamp(0, P - 1).unsqueeze(-1) * page_size + torch.arange(page_size, device=q.device)
+    end = lengths.view(B, 1, 1, 1, 1)
+    valid = slot_ok.unsqueeze(-1) & (tok < end)                           # [B, Hkv, G, K, page]
     if window is not None:
-        valid = valid & (tok >= lengths.view(B, 1, 1, 1, 1) - window)
-    scores = torch.einsum("bhgd,bhgkpd->bhgkp", q.to(acc), ksel.to(acc)) * scale
-    probs = _masked_softmax(scores.flatten(3), valid.flatten(3))
-    # Unselected slots may hold anything (even NaN); zero their values so 0 * NaN cannot leak.
-    vsel = torch.where(valid.unsqueeze(-1), vsel.to(acc), 0.0).flatten(3, 4)
-    return torch.einsum("bhgn,bhgnd->bhgd", probs, vsel).to(q.dtype)
+        valid = valid & (tok >= end - window)
+    idx = tok.view(B, Hkv, G * K * page_size, 1).expand(-1, -1, -1, D)
+    keys = torch.gather(pool_k, 2, idx).view(B, Hkv, G, K * page_size, D)
+    values = torch.gather(pool_v, 2, idx).view(B, Hkv, G, K * page_size, D)
+    return _one_query_attention(q, keys, values, valid.flatten(3), scale)
 
 
 def streaming_decode(q, sink_k, sink_v, ring_k, ring_v, lengths, sink, local, scale, window=None) -> torch.Tensor:
@@ -283,16 +321,12 @@ def streaming_decode(q, sink_k, sink_v, ring_k, ring_v, lengths, sink, local, sc
     q ``[B, Hkv, G, D]``; sink buffers ``[B, Hkv, <= sink, D]``; ring buffers ``[B, Hkv, <= local,
     D]`` (fewer slots while no row can fill them); lengths ``[B]`` counts the current token.
     Returns ``[B, Hkv, G, D]``."""
-    acc = _acc_dtype(q)
     B = q.shape[0]
-    keys = torch.cat([sink_k, ring_k], dim=2).to(acc)
-    vals = torch.cat([sink_v, ring_v], dim=2).to(acc)
+    keys = torch.cat([sink_k, ring_k], dim=2).unsqueeze(2)
+    vals = torch.cat([sink_v, ring_v], dim=2).unsqueeze(2)
     valid = streaming_decode_slots(lengths, sink, local, window,
                                    (sink_k.shape[2], ring_k.shape[2])).view(B, 1, 1, -1)
-    scores = torch.einsum("bhgd,bhnd->bhgn", q.to(acc), keys) * scale
-    probs = _masked_softmax(scores, valid.expand_as(scores))
-    vals = torch.where(valid.view(B, 1, -1, 1), vals, 0.0)
-    return torch.einsum("bhgn,bhnd->bhgd", probs, vals).to(q.dtype)
+    return _one_query_attention(q, keys, vals, valid.expand(B, q.shape[1], 1, -1), scale)
 
 
 def positional_attention(q, k, v, q_pos, k_pos, sink=None, local=None, scale=None, window=None) -> torch.Tensor:

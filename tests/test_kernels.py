@@ -314,6 +314,29 @@ def test_select_pages_exact_with_ties(chunk, dtype, partial):
     assert torch.equal(scores[..., :3], scores[..., 3:6]) and torch.equal(scores[..., :3], scores[..., 6:9])
 
 
+@pytest.mark.parametrize("chunk", [16, 512])
+def test_select_pages_only_for_the_flagged_query_heads(chunk):
+    """need/out (the drift selector): flagged query heads get the reference's fresh selection,
+    the others keep what out held; a KV head with no flagged query head is skipped entirely (its
+    out rows are left as they were, whatever its scores would be)."""
+    torch.manual_seed(36)
+    B, Hkv, G, D, T, ps, lp = 2, 3, 4, 64, 768, 16, 4
+    L = torch.tensor([757, 301], device=DEV)
+    kmax, kmin = _summaries(B, Hkv, T, D, L.tolist(), lp, torch.float32, integer=True, repeat_pages=2)
+    q = torch.randint(-2, 3, (B, Hkv, G, D), device=DEV).float()
+    fresh = R.select_pages(q, kmax, kmin, L, ps, lp, 7)
+    need = torch.rand(B, Hkv, G, device=DEV) < 0.5
+    need[0, 1] = False
+    need[1, 2] = True
+    old = torch.randint(0, 40, (B, Hkv, G, 7), device=DEV)
+    out = old.clone()
+    got = PS.select_pages(q, kmax, kmin, L, ps, lp, 7, plan=SelectPlan(chunk=chunk), need=need, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(out, torch.where(need.unsqueeze(-1), fresh, old))
+    with pytest.raises(ValueError, match="out"):
+        PS.select_pages(q, kmax, kmin, L, ps, lp, 7, need=need)
+
+
 def test_select_pages_fewer_pages_than_slots_and_empty_row():
     torch.manual_seed(31)
     B, Hkv, G, D, T, ps, lp = 3, 1, 2, 64, 64, 16, 4
