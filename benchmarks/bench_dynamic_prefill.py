@@ -190,7 +190,8 @@ def _fmt(r):
     def sx(x):
         return f"{x:5.2f}x" if x is not None else "     -"
 
-    return (f"{r['tokens']:>7} density {r['density']:>4.0%} (listed {r['listed_share']:5.1%}) | triton {ms(r['triton_ms'])} "
+    return (f"{r['tokens']:>7} density {r['density']:>4.0%} (listed {r['listed_share']:5.1%}) | "
+            f"triton {ms(r['triton_ms'])} "
             f"static {ms(r['triton_static_ms'])} flex {ms(r['flex_ms'])} cudnn {ms(r['cudnn_ms'])} "
             f"sdpa {ms(r['sdpa_ms'])} | vs static {sx(r['speedup_vs_static'])} cudnn {sx(r['speedup_vs_cudnn'])} "
             f"sdpa {sx(r['speedup_vs_sdpa'])} flex {sx(r['speedup_vs_flex'])}")

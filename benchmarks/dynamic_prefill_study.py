@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 
@@ -58,7 +57,7 @@ def prompt_ids(tok, n, which):
 def true_mass(q, k, block, scale, rows=256):
     """[Hq, nQ, nK] float32: per query block, the mean over its queries of the dense causal
     softmax weight in each key block (q [Hq, S, D], k [Hkv, S, D], S a multiple of block)."""
-    Hq, S, D = q.shape
+    Hq, S, _ = q.shape
     G = Hq // k.shape[0]
     kf = k.repeat_interleave(G, 0)
     n = S // block
@@ -77,7 +76,7 @@ def antidiagonal_mass(q, k, block, scale, stride=STRIDE):
     score of strided query row r and key column c is the mean of q . k along the antidiagonal of
     their stride x stride tile; softmax over the causal columns, summed per key block, averaged
     over the rows of each query block."""
-    Hq, S, D = q.shape
+    Hq, S, _ = q.shape
     G = Hq // k.shape[0]
     qr = torch.cat([q[:, stride - 1 - t::stride] for t in range(stride)], -1)
     kr = torch.cat([k[:, t::stride] for t in range(stride)], -1).repeat_interleave(G, 0)
@@ -181,16 +180,16 @@ def summary(rows, methods):
 
 
 def cost(n, density, block, hq, hkv, d):
-    """(estimator FLOPs, antidiagonal estimator FLOPs, saved attention FLOPs, CPU ms of the estimator, of the dense and of the
-    listed reference prefill) for one layer's retrieval heads at n tokens, random inputs."""
-    G = hq // hkv
+    """(estimator FLOPs, antidiagonal estimator FLOPs, saved attention FLOPs, CPU ms of the
+    estimator, of the dense and of the listed reference prefill) for one layer's retrieval heads
+    at n tokens, random inputs."""
     est_flops = 2 * hq * ((n / block) ** 2 / 2 * d + n * d) + 2 * hkv * n * d  # scores (causal half) + pooling
     anti_flops = 2 * hq * (n / STRIDE) ** 2 / 2 * STRIDE * d                 # XAttention's, for comparison
     saved = (1 - density) * hq * n * n / 2 * d * 2 * 2                       # QK and PV, 2 FLOPs a MAC
     torch.manual_seed(0)
     q, k, v = torch.randn(1, hq, n, d), torch.randn(1, hkv, n, d), torch.randn(1, hkv, n, d)
     dense = torch.zeros(hkv, dtype=torch.bool)
-    cfg = LServeConfig(prefill_dynamic=True, dynamic_block=block)
+    cfg = LServeConfig()
 
     def timed(fn, reps=3):
         fn()
@@ -199,7 +198,9 @@ def cost(n, density, block, hq, hkv, d):
             r = fn()
         return (time.perf_counter() - t) / reps * 1e3, r
 
-    t_est, blocks = timed(lambda: DP.prefill_blocks(q, k, cfg, 0, None, d ** -0.5))
+    t_est, blocks = timed(lambda: DP.key_blocks(q, k, 0, None, d ** -0.5, mass=cfg.dynamic_mass, block=block,
+                                                min_density=cfg.dynamic_min_density,
+                                                max_density=cfg.dynamic_max_density))
     t_dense, _ = timed(lambda: reference.prefill_attention(q, k, v, dense, 0, 1), reps=1)
     fixed = DP.select_blocks(torch.rand(blocks.index.shape[:2] + (blocks.index.shape[2],) * 2),
                              *DP.block_ranges(n, n, 0, None, block), 1 - 1e-9, density, density, block)

@@ -103,7 +103,8 @@ def head_mass(q, k, q_offset=0, kv_start=None, scale=None, block=128, window=Non
 
 def estimate_mass(q, k, q_offset=0, kv_start=None, scale=None, block=128, window=None):
     """:func:`head_mass` for each KV head ``[B, Hkv, nQ, nK]``: its list serves its G query heads,
-    so a block gets their mean share (the study found the max keeps more blocks for less mass)."""
+    so a block gets their mean share (in the study the max ranked blocks no better: it only kept
+    more of them at the same ``dynamic_mass``)."""
     return head_mass(q, k, q_offset, kv_start, scale, block, window).mean(2)
 
 

@@ -69,7 +69,8 @@ def _on(blocks):
 
 def check_listed(B, Hq, Hkv, Sq, Skv, D, streaming, sink, local, blocks, q_offset=0, kv_start=None,
                  window=None, dtype=torch.float32, plan=SMALL, tol=None):
-    q, k, v = _randn(B, Hq, Sq, D, dtype=dtype), _randn(B, Hkv, Skv, D, dtype=dtype), _randn(B, Hkv, Skv, D, dtype=dtype)
+    q = _randn(B, Hq, Sq, D, dtype=dtype)
+    k, v = _randn(B, Hkv, Skv, D, dtype=dtype), _randn(B, Hkv, Skv, D, dtype=dtype)
     stream = torch.tensor(streaming, device=DEV)
     start = None if kv_start is None else torch.tensor(kv_start, device=DEV)
     blocks = _on(blocks)
@@ -112,7 +113,7 @@ def test_kernel_sliding_window_and_q_heads_subset():
     """A Mistral window on top of the lists; q_heads computes only some query heads (a chunk's
     retrieval store), leaving the others as they were."""
     torch.manual_seed(4)
-    B, G, S, T, D = 1, 2, 70, 150, 64
+    B, S, T, D = 1, 70, 150, 64
     q = _randn(B, 8, S, D)
     k, v = _randn(B, 2, T, D), _randn(B, 2, T, D)
     q_heads = torch.tensor([6, 7, 2, 3], device=DEV)                 # the store holds KV heads 3 and 1
