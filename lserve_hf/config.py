@@ -66,6 +66,21 @@ class LServeConfig:
         cuda_graphs: on CUDA, replay each decode step of the whole decoder as a CUDA graph (two
             graphs: a step that selects pages and a step that reuses them). Removes the Python and
             launch overhead that otherwise dominates time per token. Ignored on CPU.
+
+    Dynamic block-sparse prefill (retrieval heads; MInference / FlexPrefill / XAttention style):
+        prefill_dynamic: estimate, per retrieval KV head and query block, which key blocks hold
+            the attention mass, and attend only to those at prefill (``lserve_hf.dynamic_prefill``).
+            Off by default until its accuracy is shown. Dense layers (``dense_layers``) and
+            prompts of at most a few blocks stay dense.
+        dynamic_mass: estimated attention mass (cumulative, in (0, 1]) that the kept key blocks of
+            a query block must hold (default 0.95). The first key block (attention sinks) and the
+            diagonal band (the query block's own key blocks and the one before) are always kept.
+        dynamic_min_density / dynamic_max_density: bounds (in [0, 1]) on the fraction of a query
+            block's causal key blocks that is kept (defaults 0.05 / 1.0); the sink and diagonal
+            blocks are kept even above the maximum.
+        dynamic_block: queries and keys per block of the estimate and of the key-block lists
+            (default 128; a power of two >= 16). The kernel walks a listed block in its own key
+            steps.
     """
 
     streaming_sparsity: float = 0.5
@@ -85,6 +100,11 @@ class LServeConfig:
     prefill_query_block: int = 1024
     prefill_chunk_size: int | None = 16384
     cuda_graphs: bool = True
+    prefill_dynamic: bool = False
+    dynamic_mass: float = 0.95
+    dynamic_min_density: float = 0.05
+    dynamic_max_density: float = 1.0
+    dynamic_block: int = 128
 
     def __setattr__(self, name, value):
         if self.__dict__.get("_validated"):
@@ -135,7 +155,26 @@ class LServeConfig:
             raise ValueError(f"backend={self.backend!r} is not one of 'auto', 'triton', 'torch'.")
         if not isinstance(self.cuda_graphs, bool):
             raise TypeError(f"cuda_graphs={self.cuda_graphs!r} must be True or False.")
+        self._check_dynamic()
         set_(self, "_validated", True)
+
+    def _check_dynamic(self):
+        if not isinstance(self.prefill_dynamic, bool):
+            raise TypeError(f"prefill_dynamic={self.prefill_dynamic!r} must be True or False.")
+        for name in ("dynamic_mass", "dynamic_min_density", "dynamic_max_density"):
+            object.__setattr__(self, name, _number(name, getattr(self, name)))
+        if not 0.0 < self.dynamic_mass <= 1.0:
+            raise ValueError(f"dynamic_mass={self.dynamic_mass} is outside (0, 1]: it is the share of the "
+                             "estimated attention mass the kept key blocks hold; use e.g. 0.95.")
+        lo, hi = self.dynamic_min_density, self.dynamic_max_density
+        if not 0.0 <= lo <= hi <= 1.0 or hi == 0.0:
+            raise ValueError(f"dynamic_min_density={lo} and dynamic_max_density={hi} must satisfy "
+                             "0 <= min <= max <= 1 with max > 0 (fractions of the causal key blocks kept).")
+        block = _integer("dynamic_block", self.dynamic_block, 1)
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"dynamic_block={block} must be a power of two >= 16 (the kernel's "
+                             "query and key blocks divide it); use e.g. 128.")
+        object.__setattr__(self, "dynamic_block", block)
 
     def __hash__(self):
         return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))

@@ -70,23 +70,24 @@ def _supported(cfg, op: str, x: torch.Tensor, head_dims=None, why: str | None = 
 
 
 def prefill(q, k, v, streaming, sink, local, q_offset, kv_start, scale, sliding_window, cfg,
-            out=None, q_heads=None, memo=None):
+            out=None, q_heads=None, memo=None, blocks=None):
     """Block-sparse prefill of q ``[B, Hq, S, D]`` against k, v ``[B, Hkv, N, D]``; with
     ``q_heads`` only those query heads of q (G per KV head of k) are computed, into ``out``.
-    ``memo``: the forward's mask memo (``PromptMask.memo``) for the torch path."""
+    ``memo``: the forward's mask memo (``PromptMask.memo``) for the torch path; ``blocks``:
+    key-block lists of the dense heads (``dynamic_prefill.KeyBlocks``)."""
     kernels = _kernels_for(cfg, q)
     if kernels is not None and _supported(cfg, "prefill", q, head_dims=(64, 128)):
         return kernels.block_sparse_prefill(q, k, v, streaming, sink, local, q_offset, kv_start, scale,
-                                            sliding_window, out=out, q_heads=q_heads)
+                                            sliding_window, out=out, q_heads=q_heads, blocks=blocks)
     if q_heads is None:
         o = reference.prefill_attention(q, k, v, streaming, sink, local, q_offset, kv_start, scale,
-                                        sliding_window, cfg.prefill_query_block, memo)
+                                        sliding_window, cfg.prefill_query_block, memo, blocks)
         if out is None:
             return o
         out.copy_(o)
         return out
     o = reference.prefill_attention(q.index_select(1, q_heads), k, v, streaming, sink, local, q_offset,
-                                    kv_start, scale, sliding_window, cfg.prefill_query_block, memo)
+                                    kv_start, scale, sliding_window, cfg.prefill_query_block, memo, blocks)
     out[:, q_heads] = o
     return out
 

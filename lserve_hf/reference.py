@@ -75,8 +75,49 @@ def _reachable_keys(q_lo: int, q_hi: int, n_keys: int, streams: bool, sink: int,
     return torch.cat([torch.arange(lo, max(lo, sink_hi)), torch.arange(band_lo, hi)])
 
 
+def _listed_attention(q, k, v, index, count, block, q_offset, kv_start, scale, sliding_window, query_block):
+    """Dense heads over their listed key blocks only: q ``[B, H, G, S, D]``, k, v ``[B, H, N, D]``,
+    ``index`` / ``count`` the heads' lists (``dynamic_prefill.KeyBlocks``). Query blocks go a few at
+    a time (``query_block`` rows); each gathers its heads' listed blocks (as many as the longest
+    list among them) and attends with the exact token mask. Returns ``[B, H, G, S, D]``."""
+    B, H, G, S, D = q.shape
+    N = k.shape[2]
+    dev = q.device
+    out = torch.empty_like(q)
+    index, count = index.to(dev).long(), count.to(dev).long()
+    per = max(1, query_block // block)
+    bi, hi = torch.arange(B, device=dev).view(B, 1, 1), torch.arange(H, device=dev).view(1, H, 1)
+    start = kv_start.view(B, 1, 1, 1, 1) if kv_start is not None else 0
+    for i0 in range(0, index.shape[2], per):
+        i1 = min(index.shape[2], i0 + per)
+        s0, s1, m = i0 * block, min(S, i1 * block), i1 - i0
+        L = int(count[:, :, i0:i1].max()) if count.numel() else 0   # the CPU path: a host sync is fine
+        if L == 0:
+            out[:, :, :, s0:s1] = 0
+            continue
+        listed = torch.arange(L, device=dev) < count[:, :, i0:i1, None]                # [B, H, m, L]
+        tok = index[:, :, i0:i1, :L].clamp_min(0).unsqueeze(-1) * block + torch.arange(block, device=dev)
+        ok = (listed.unsqueeze(-1) & (tok < N)).flatten(3)                              # [B, H, m, L*block]
+        tok = tok.clamp(max=N - 1).flatten(2)
+        kb, vb = k[bi, hi, tok].view(B * H * m, 1, -1, D), v[bi, hi, tok].view(B * H * m, 1, -1, D)
+        kp = tok.view(B, H, m, 1, -1)
+        qp = (q_offset + s0 + torch.arange(m * block, device=dev)).view(1, 1, m, block, 1)
+        mask = ok.unsqueeze(3) & (kp <= qp) & (kp >= start)                             # [B, H, m, block, keys]
+        if sliding_window is not None:
+            mask = mask & (qp - kp < sliding_window)
+        qb = F.pad(q[:, :, :, s0:s1], (0, 0, 0, m * block - (s1 - s0)))
+        qb = qb.view(B, H, G, m, block, D).transpose(2, 3).reshape(B * H * m, G, block, D)
+        mask = mask.view(B * H * m, 1, block, -1)
+        seen = mask.any(-1, keepdim=True)
+        o = torch.where(seen, sdpa(qb, kb, vb, mask | ~seen, scale), 0.0)
+        o = o.view(B, H, m, G, block, D).transpose(2, 3).reshape(B, H, G, m * block, D)
+        out[:, :, :, s0:s1] = o[:, :, :, :s1 - s0]
+    return out
+
+
 def prefill_attention(q, k, v, streaming, sink, local, q_offset=0, kv_start=None, scale=None,
-                      sliding_window=None, query_block=1024, memo: dict | None = None) -> torch.Tensor:
+                      sliding_window=None, query_block=1024, memo: dict | None = None,
+                      blocks=None) -> torch.Tensor:
     """Block-sparse prefill attention.
 
     q ``[B, Hq, Sq, D]``; k, v ``[B, Hkv, Skv, D]``; ``streaming`` bool ``[Hkv]``; query i sits at
@@ -85,7 +126,8 @@ def prefill_attention(q, k, v, streaming, sink, local, q_offset=0, kv_start=None
     otherwise queries go in blocks of ``query_block``, each against the keys it can reach, the G
     query heads of a KV head stacked along the queries (one mask, no repeated keys). ``memo``:
     a dict kept for one forward, in which the block masks (the same for every layer) are made
-    once."""
+    once. ``blocks`` (``dynamic_prefill.KeyBlocks``, lists per KV head of k): each dense head's
+    query block reads only its listed key blocks, under the same token mask."""
     B, Hq, S, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -102,6 +144,12 @@ def prefill_attention(q, k, v, streaming, sink, local, q_offset=0, kv_start=None
             continue
         qh = qg.index_select(1, heads).flatten(1, 2)
         kh, vh = k.index_select(1, heads), v.index_select(1, heads)
+        if not streams and blocks is not None:
+            o = _listed_attention(qh.view(B, -1, G, S, D), kh, vh, blocks.index.index_select(1, heads),
+                                  blocks.count.index_select(1, heads), blocks.block, q_offset, kv_start,
+                                  scale, sliding_window, query_block)
+            out[:, heads] = o
+            continue
         if not streams and kv_start is None and sliding_window is None and q_offset == 0 and S == N:
             o = sdpa(qh, kh, vh, scale=scale, is_causal=True)
             out[:, heads] = o.view(B, heads.numel(), G, S, D)
