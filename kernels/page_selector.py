@@ -201,6 +201,64 @@ def _topk_chunk(KEYS, OUT, row, n_keys, n_out, P, stride_row_in, stride_row_out,
                  mask=offs < K_KEEP)
 
 
+@triton.jit
+def _drift_kernel(Q, QREF, LENGTHS, INV_FREQ, NEED, tau, Hkv, G,
+                  stride_qb, stride_qh, stride_qg, stride_qd,
+                  HEAD_DIM: tl.constexpr, REFRESH: tl.constexpr, GDC: tl.constexpr):
+    """One program per query head: its query rotated back from RoPE at its row's position
+    (``lengths - 1``: positions from the row's first real token, an offset both queries of a
+    comparison share) and of unit length; flags the head in NEED when its cosine with QREF
+    (``[rows, D]`` fp32) is under ``tau`` (every head with REFRESH), and keeps the flagged heads'
+    queries in QREF. Rotate-half RoPE: the pairs are (j, j + D/2)."""
+    gdc_start(GDC)
+    row = tl.program_id(0)
+    b = row // (Hkv * G)
+    h = (row // G) % Hkv
+    g = row % G
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs = tl.arange(0, HALF)
+    base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + g * stride_qg
+    q1 = tl.load(base + offs * stride_qd).to(tl.float32)
+    q2 = tl.load(base + (offs + HALF) * stride_qd).to(tl.float32)
+    angle = (tl.load(LENGTHS + b) - 1).to(tl.float32) * tl.load(INV_FREQ + offs)
+    c, s = tl.cos(angle), tl.sin(angle)
+    p1 = q1 * c + q2 * s
+    p2 = q2 * c - q1 * s
+    inv = 1.0 / tl.sqrt(tl.maximum(tl.sum(p1 * p1, 0) + tl.sum(p2 * p2, 0), 1e-30))
+    p1, p2 = p1 * inv, p2 * inv
+    ref = QREF + row.to(tl.int64) * HEAD_DIM
+    if REFRESH:
+        need = True
+    else:
+        need = tl.sum(p1 * tl.load(ref + offs), 0) + tl.sum(p2 * tl.load(ref + HALF + offs), 0) < tau
+    tl.store(NEED + row, need.to(tl.int8))
+    if need:
+        tl.store(ref + offs, p1)
+        tl.store(ref + HALF + offs, p2)
+    gdc_end(GDC)
+
+
+def query_drift(q, q_ref, lengths, inv_freq, tau, refresh, need=None, *,
+                plan: SelectPlan | None = None) -> torch.Tensor:
+    """Which query heads of q ``[B, Hkv, G, D]`` drifted: int8 ``[B, Hkv, G]`` (into ``need``),
+    the cosine of their query before RoPE with ``q_ref`` (fp32 ``[B, Hkv, G, D]``, unit
+    vectors, updated in place for the flagged heads) under ``tau``; every head with
+    ``refresh``. Reference: lserve_hf.reference.query_drift."""
+    plan = DEFAULT_SELECT_PLAN if plan is None else plan
+    refuse_float64("query_drift", "lserve_hf.reference.query_drift", q)
+    B, Hkv, G, D = q.shape
+    if need is None:
+        need = torch.empty(B, Hkv, G, dtype=torch.int8, device=q.device)
+    if not q_ref.is_contiguous() or q_ref.dtype != torch.float32 or D % 2:
+        raise ValueError("query_drift takes a contiguous fp32 q_ref and an even head dim")
+    if B * Hkv * G:
+        pdl = pdl_options(q.device, plan.pdl)
+        _drift_kernel[(B * Hkv * G,)](q, q_ref, lengths, inv_freq, need, float(tau), Hkv, G, *q.stride(),
+                                      HEAD_DIM=D, REFRESH=bool(refresh), GDC=gdc_mode(pdl, plan.pdl),
+                                      num_warps=1, **pdl)
+    return need
+
+
 def unsupported(q, page_size, logical_page_size) -> str | None:
     """Why the kernels cannot select pages for queries ``q`` (``[B, Hkv, G, D]``) and this paging,
     or None when they can. The serving dispatch (lserve_hf.pages.select) sends those cases to

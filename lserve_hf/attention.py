@@ -158,6 +158,7 @@ def decode_weights(q_s, q_r, layer, cache, pages, fwd, cfg, scale, window):
     if Hr:
         pool = layer.pool
         P = pool.capacity // cfg.page_size
+        pages = reference.with_newest_page(pages, lengths, cfg.page_size)
         idx = pages.clamp(0, P - 1)
         tok = idx.unsqueeze(-1) * cfg.page_size + torch.arange(cfg.page_size, device=q_r.device)
         valid = ((pages >= 0) & (pages < P)).unsqueeze(-1) & (tok < lengths.view(B, 1, 1, 1, 1))

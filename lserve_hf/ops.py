@@ -118,19 +118,31 @@ def select_pages(q, kmax, kmin, lengths, n_select, cfg, need=None, out=None) -> 
 
         why = unsupported(q, cfg.page_size, cfg.logical_page_size) if q.dtype != torch.float64 else None
         if _supported(cfg, "page selection", q, why=why):
+            if need is not None and out is None:
+                raise ValueError("select_pages(need=...) writes into out")
             return kernels.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select,
                                         need=need, out=out)
     fresh = reference.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select)
-    if need is None:
+    if out is None:
         return fresh
-    out.copy_(torch.where(need.unsqueeze(-1), fresh, out))
+    out.copy_(fresh if need is None else torch.where(need.unsqueeze(-1).bool(), fresh, out))
     return out
+
+
+def query_drift(q, q_ref, lengths, inv_freq, tau, refresh, cfg) -> torch.Tensor:
+    """Which query heads drifted from the query that chose their pages (``reference.query_drift``);
+    ``q_ref`` keeps the flagged heads' new queries."""
+    kernels = _kernels_for(cfg, q)
+    if kernels is not None and q.dtype != torch.float64:
+        return kernels.query_drift(q, q_ref, lengths, inv_freq, tau, refresh)
+    return reference.query_drift(q, q_ref, lengths, inv_freq, tau, refresh)
 
 
 def decode(q_s, sink_k, sink_v, ring_k, ring_v, q_r, pool_k, pool_v, pages, lengths, cfg, scale,
            out_s, out_r, window=None, longest=0) -> None:
-    """Decode attention of streaming heads (sink + ring) and retrieval heads (their pages), into
-    ``out_s`` ``[B, Hs, G, D]`` and ``out_r`` ``[B, Hr, G, D]``. ``longest``: the host's longest
+    """Decode attention of streaming heads (sink + ring) and retrieval heads (the ``pages`` of
+    their selection, and the row's newest page), into ``out_s`` ``[B, Hs, G, D]`` and ``out_r``
+    ``[B, Hr, G, D]``. ``longest``: the host's longest
     row, to know whether Mistral's ``window`` can hide a token (the kernel has no window)."""
     q = q_s if q_s.shape[1] else q_r
     kernels = _kernels_for(cfg, q)
@@ -141,10 +153,11 @@ def decode(q_s, sink_k, sink_v, ring_k, ring_v, q_r, pool_k, pool_v, pages, leng
     if kernels is not None and _supported(cfg, "decode", q):
         kernels.sparse_paged_decode(q_s, sink_k, sink_v, ring_k, ring_v, q_r, pool_k, pool_v, pages, lengths,
                                     cfg.decode_sink, cfg.decode_local, cfg.page_size, scale,
-                                    out_stream=out_s, out_retr=out_r)
+                                    out_stream=out_s, out_retr=out_r, newest_page=True)
         return
     if q_s.shape[1]:
         out_s.copy_(reference.streaming_decode(q_s, sink_k, sink_v, ring_k, ring_v, lengths, cfg.decode_sink,
                                                cfg.decode_local, scale, window))
     if q_r.shape[1]:
+        pages = reference.with_newest_page(pages, lengths, cfg.page_size)
         out_r.copy_(reference.paged_decode(q_r, pool_k, pool_v, pages, lengths, cfg.page_size, scale, window))

@@ -255,6 +255,19 @@ def unrope(q: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> 
     return q * angle.cos() - rotated * angle.sin()
 
 
+def query_drift(q, q_ref, lengths, inv_freq, tau, refresh) -> torch.Tensor:
+    """Which query heads of q ``[B, H, G, D]`` drifted, bool ``[B, H, G]``: the cosine of their
+    query before RoPE (at the row's position ``lengths - 1``) with ``q_ref`` (unit vectors,
+    fp32) is under ``tau``; every head with ``refresh``. The flagged heads' queries (unit
+    length) replace theirs in ``q_ref``, in place."""
+    now = unrope(q, lengths - 1, inv_freq)
+    now = now * torch.rsqrt((now * now).sum(-1, keepdim=True).clamp_min(1e-30))
+    need = torch.ones(q.shape[:3], dtype=torch.bool, device=q.device) if refresh else \
+        (now * q_ref).sum(-1) < tau
+    q_ref.copy_(torch.where(need.unsqueeze(-1), now, q_ref))
+    return need
+
+
 def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select) -> torch.Tensor:
     """Page selection per query head: int64 ``[B, Hkv, G, n_select]``.
 
@@ -291,6 +304,15 @@ def _one_query_attention(q, keys, values, valid, scale) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q.to(acc).flatten(1, 2).unsqueeze(2), keys, values,
                                          attn_mask=mask | ~seen, scale=scale)
     return torch.where(seen, out, 0.0).view(B, H, G, D).to(q.dtype)
+
+
+def with_newest_page(pages: torch.Tensor, lengths: torch.Tensor, page_size: int) -> torch.Tensor:
+    """``pages`` ``[B, H, G, K]`` plus each row's newest page ``[B, H, G, K + 1]`` (-1 where the
+    list already holds it): a reused selection made before that page began still reads it."""
+    B, H, G, _ = pages.shape
+    newest = ((lengths - 1) // page_size).view(B, 1, 1, 1).expand(B, H, G, 1)
+    held = (pages == newest).any(-1, keepdim=True)
+    return torch.cat([pages, torch.where(held, -1, newest)], dim=-1)
 
 
 def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=None) -> torch.Tensor:

@@ -18,65 +18,59 @@ from __future__ import annotations
 
 import torch
 
-from . import ops, reference
+from . import ops
 
 
 class PageSelector:
     """The page selection of one layer: ``pages`` ``[B, Hr, G, K]``, overwritten in place (a
     captured decode graph reads the buffer), and with the drift selector ``q_ref``
-    ``[B, Hr, G, D]``, each query head's query before RoPE (unit length) when it last chose."""
+    ``[B, Hr, G, D]`` (fp32), each query head's query before RoPE (unit length) when it last
+    chose. The decode reads the newest page besides (``ops.decode``)."""
 
     def __init__(self, config, dense: bool, rope_inv_freq=None):
         self.config = config
         self.dense = dense        # a dense layer reads every page
         self.rope_inv_freq = rope_inv_freq
+        self._inv_freq = None     # its copy on the device, made at an eager step (not in a capture)
         self.pages = None
         self.q_ref = None
 
     def read_list(self, q: torch.Tensor, pool, lengths: torch.Tensor, selects: bool) -> torch.Tensor:
-        """Pages the decode step of queries ``q`` ``[B, Hr, G, D]`` reads, ``[B, Hr, G, K + 1]``:
-        the selection plus the newest page (-1 where the selection already holds it)."""
-        B, Hr, G, _ = q.shape
+        """The pages the decode step of queries ``q`` ``[B, Hr, G, D]`` reads besides the newest
+        one, ``[B, Hr, G, K]``. ``selects``: a refresh (every head chooses afresh)."""
+        B, Hr, G, D = q.shape
         cfg = self.config
-        n_pages = pool.capacity // cfg.page_size
         if self.dense:
+            n_pages = pool.capacity // cfg.page_size
             return torch.arange(n_pages, device=q.device).view(1, 1, 1, -1).expand(B, Hr, G, -1)
         K = cfg.pages_per_selection
+        first = self.pages is None or self.pages.shape != (B, Hr, G, K)
+        if first:
+            self.pages = torch.empty(B, Hr, G, K, dtype=torch.long, device=q.device)
         if pool.kmax is None:         # every row within the budget: read all its pages
-            self._keep(torch.arange(K, device=q.device).view(1, 1, 1, K).expand(B, Hr, G, K))
-        elif selects or self.pages is None or (cfg.selector == "drift" and self.q_ref is None):
-            self._keep(ops.select_pages(q, pool.kmax, pool.kmin, lengths, K, cfg))
-            if cfg.selector == "drift":
-                self._keep_query(self._unit_query(q, lengths))
-        elif cfg.selector == "drift":
-            now = self._unit_query(q, lengths)
-            drifted = (now * self.q_ref).sum(-1) < cfg.selector_drift          # [B, Hr, G]
-            ops.select_pages(q, pool.kmax, pool.kmin, lengths, K, cfg, need=drifted, out=self.pages)
-            self.q_ref.copy_(torch.where(drifted.unsqueeze(-1), now, self.q_ref))
-        last = ((lengths - 1) // cfg.page_size).view(B, 1, 1, 1).expand(B, Hr, G, 1)
-        dup = (self.pages == last).any(-1, keepdim=True)
-        return torch.cat([self.pages, torch.where(dup, -1, last)], dim=-1)
+            self.pages.copy_(torch.arange(K, device=q.device).view(1, 1, 1, K).expand(B, Hr, G, K))
+            return self.pages
+        if cfg.selector == "drift":
+            if self.q_ref is None or self.q_ref.shape != q.shape:
+                self.q_ref = torch.zeros(B, Hr, G, D, dtype=torch.float32, device=q.device)
+                first = True
+            need = ops.query_drift(q, self.q_ref, lengths, self._frequencies(q), cfg.selector_drift,
+                                   selects or first, cfg)
+            ops.select_pages(q, pool.kmax, pool.kmin, lengths, K, cfg, need=need, out=self.pages)
+        elif selects or first:
+            ops.select_pages(q, pool.kmax, pool.kmin, lengths, K, cfg, out=self.pages)
+        return self.pages
 
-    def _unit_query(self, q, lengths) -> torch.Tensor:
-        """The query before RoPE, of unit length. Rows are stored from their first real token, so
-        ``lengths - 1`` is the query's position up to the row's left padding: a rotation by the
-        same angle for both queries of a comparison, which the cosine does not see."""
-        if self.rope_inv_freq is not None:
-            q = reference.unrope(q, lengths - 1, self.rope_inv_freq.to(q.device))
-        q = q.float()
-        return q * torch.rsqrt((q * q).sum(-1, keepdim=True).clamp_min(1e-30))
-
-    def _keep(self, chosen: torch.Tensor) -> None:
-        if self.pages is None or self.pages.shape != chosen.shape:
-            self.pages = chosen.contiguous()
-        else:
-            self.pages.copy_(chosen)
-
-    def _keep_query(self, now: torch.Tensor) -> None:
-        if self.q_ref is None or self.q_ref.shape != now.shape:
-            self.q_ref = now.clone()
-        else:
-            self.q_ref.copy_(now)
+    def _frequencies(self, q) -> torch.Tensor:
+        """The RoPE frequencies on q's device. Rows are stored from their first real token, so
+        ``lengths - 1`` is a query's position up to its row's left padding: both queries of a
+        comparison are rotated back by the same extra angle, which their cosine does not see.
+        A model without RoPE frequencies compares queries as they come."""
+        if self._inv_freq is None or self._inv_freq.device != q.device:
+            half = q.shape[-1] // 2
+            freq = self.rope_inv_freq if self.rope_inv_freq is not None else torch.zeros(half)
+            self._inv_freq = freq.float().to(q.device).contiguous()
+        return self._inv_freq
 
     def apply(self, fn) -> None:
         if self.pages is not None:

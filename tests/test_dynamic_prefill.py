@@ -135,7 +135,7 @@ def test_kernel_sink_and_diagonal_only():
     q, k = _randn(1, 4, S, D), _randn(1, 2, S, D)
     blocks = key_blocks(q, k, block=16, mass=1e-6, min_density=0.0)
     lo, hi, diag = block_ranges(S, S, 0, None, 16)
-    forced = ((hi - diag + 1) + (diag > lo).long()).view(1, 1, -1)
+    forced = ((hi - diag + 1) + (diag > lo).long()).view(1, 1, -1).to(blocks.count.device)
     assert torch.equal(blocks.count.long(), forced.expand_as(blocks.count))
     check_listed(1, 4, 2, S, S, D, [False, True], 4, 16, blocks)
 

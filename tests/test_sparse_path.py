@@ -108,4 +108,4 @@ def test_drift_selector_chooses_afresh_only_for_drifted_query_heads():
     changed[1, 0, 2] = True
     assert torch.equal(sel.pages[~changed], before[~changed])
     assert torch.equal(sel.pages[1, 0, 2], fresh[1, 0, 2])
-    assert first.shape[-1] == cfg.pages_per_selection + 1
+    assert first.shape[-1] == cfg.pages_per_selection      # the newest page is added by the decode
