@@ -73,10 +73,11 @@ def measure(model, n, decode_tokens):
     return res
 
 
-def main(argv=None):
+def main(argv=None, prog=None):
     from lserve_hf import LServeConfig, patch_model, unpatch_model
 
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072, 262144])
     ap.add_argument("--decode-tokens", type=int, default=40, help="decode steps timed per length (median)")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
@@ -88,7 +89,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSON file of every row")
     ap.add_argument("--plot", default=None, help="PNG of TPOT and TTFT against context length")
     args = ap.parse_args(argv)
-    if gpu_missing("bench_e2e"):
+    if gpu_missing(ap.prog):
         return 2
     model = build_model(args.layers)
     L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
