@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="probe and refine: prompts per length and depth")
     cal.add_argument("--seed", type=int, default=None,
                      help="seeds the synthetic prompts (default 0; refine: 1, so seed-0 test prompts stay unseen)")
-    cal.add_argument("--sink", type=int, default=128, help="the streaming window's sink tokens")
+    cal.add_argument("--sink", type=at_least(0), default=128, help="the streaming window's sink tokens")
     cal.add_argument("--local", type=positive_int, default=256, help="the streaming window's local tokens")
     duo = cal.add_argument_group("duo (gate training)")
     duo.add_argument("--steps", type=positive_int, default=200, help="optimisation steps, one prompt each")

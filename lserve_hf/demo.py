@@ -90,20 +90,27 @@ def run_demo(n_tokens: int = 6000, depths=(0.25, 0.75), plot_lengths=(2000, 4000
     patch_model(model)       # its defaults for this model, said below
     cfg, pattern = model._lserve.config, model._lserve.streaming
     unpatch_model(model)
+    if cfg.selector == "drift":
+        kept = (f"each query head choosing them afresh when its query drifts (cosine under {cfg.selector_drift:g}) "
+                f"and at least every {cfg.selector_max_age} steps")
+    else:
+        kept = f"chosen afresh every {cfg.selector_interval} steps"
     print(f"LServe: patch_model(model) with its defaults for a model of {model.config.max_position_embeddings} "
           f"tokens: {int(pattern.sum())} of {pattern.numel()} KV heads stream (streaming_sparsity="
           f"{cfg.streaming_sparsity:g}, the shipped head pattern), sink/local {cfg.prefill_sink}/"
           f"{cfg.prefill_local} at prefill and {cfg.decode_sink}/{cfg.decode_local} at decode; the "
-          f"others read {cfg.token_budget} tokens of pages per step (token_budget), reselected every "
-          f"{cfg.selector_interval} steps.", flush=True)
+          f"others read {cfg.token_budget} tokens of pages per step (token_budget), {kept} "
+          f"(selector={cfg.selector!r}).", flush=True)
     prompts = [sized_prompt(tokenizer, L, 0.5) for L in plot_lengths]
     prompts = sorted(prompts + [sized_prompt(tokenizer, n_tokens, d) for d in depths],
                      key=lambda p: (p.n_tokens, p.depth))
-    if model.device.type == "cuda":
-        # compiles the Triton kernels outside the timings (both decode graphs: select and reuse)
-        for method in ("dense", "LServe"):
-            _set(model, method)
-            measure(model, tokenizer, prompts[0], cfg.selector_interval + 2)
+    # an untimed run per method first: first calls allocate, and on a GPU compile the kernels and
+    # capture both decode graphs (a step that selects every head afresh, one that may keep
+    # selections); the shortest prompt that reaches the sparse paths suffices
+    warm = sized_prompt(tokenizer, cfg.prefill_sink + cfg.prefill_local + cfg.page_size, 0.5)
+    for method in tqdm(("dense", "LServe"), desc="warm-up", unit="run", dynamic_ncols=True):
+        _set(model, method)
+        measure(model, tokenizer, warm, cfg.refresh_interval + 2)
     runs = []
     bar = tqdm([(p, m) for p in prompts for m in ("dense", "LServe")], desc="demo", unit="run",
                dynamic_ncols=True)
@@ -150,7 +157,8 @@ def report(runs: list[Run], device) -> None:
               f"{r.decode_tok_s:>12.1f} {r.kv_bytes / MiB:>7.1f}"
               + (f"{r.peak_bytes / MiB:>13.0f}" if gpu else ""))
     longest = max(r.prompt.n_tokens for r in runs)
-    dense, lserve = ([r for r in runs if r.method == m and r.prompt.n_tokens == longest] for m in ("dense", "LServe"))
+    dense, lserve = ([r for r in runs if r.method == m and r.prompt.n_tokens == longest]
+                     for m in ("dense", "LServe"))
 
     def mean(rs, key):
         return statistics.mean(getattr(r, key) for r in rs)
