@@ -40,7 +40,7 @@ import time
 from lserve_hf.benchmarks.common import gpu_missing
 from lserve_hf.benchmarks.e2e_child import LLAMA3_8B, METHODS, TINY_LLAMA
 from lserve_hf.benchmarks.e2e_report import compiled_after_warmup, plot, print_table, summarise
-from lserve_hf.cli import _at_least
+from lserve_hf.argtypes import at_least as _at_least
 
 LSERVE_METHODS = ("lserve", "lserve-eager")
 # an odd offset: the new length is never one measured before, nor a multiple of a page or a block

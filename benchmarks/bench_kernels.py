@@ -229,8 +229,9 @@ def load_plans(path):
                                    ("select", SelectPlan)))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, prog=None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default=None, help="write all figures as JSON to this path")
     ap.add_argument("--prefill", default="8192,32768,131072", help="prefill lengths")
     ap.add_argument("--decode", default="32768,131072,524288", help="decode context lengths")
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plans", default=None, metavar="FILE",
                     help="launch plans: the best of a `tune_kernels --out FILE` sweep")
     args = ap.parse_args(argv)
-    if C.gpu_missing("bench_kernels"):
+    if C.gpu_missing(ap.prog):
         return 2
     import triton
 

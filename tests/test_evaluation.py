@@ -141,8 +141,55 @@ def test_end_to_end_embedded(embedded, tmp_path, monkeypatch, capsys):
     assert all(float(r["score"]) == 1.0 for r in dense), [(r["expected"], r["output"]) for r in dense]
     data = json.load(open(out / "results.json"))
     assert len(data["cases"]) == 8 and data["meta"]["lserve_config"]["token_budget"] == 512
-    for m in ("dense", "lserve"):
-        png = out / f"heatmap_{m}.png"
-        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("heatmap_dense", "heatmap_lserve", "accuracy_vs_length"):
+        assert _png_size(out / f"{name}.png")
     text = capsys.readouterr().out
     assert "niah_single" in text and "dense" in text and "lserve" in text
+    assert text.index("Score (%") < text.index("Plots: ")       # the table comes before the plots
+
+
+# --- outputs ------------------------------------------------------------------------------------
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def _records(tasks, lengths, depths, methods):
+    """Records as ``evaluate`` returns them, with scores of 0, 0.5 and 1 in turn."""
+    grid = [(t, L, d, m) for t in tasks for L in lengths for d in depths for m in methods]
+    return [dict(task=t, length=L, n_tokens=L, depth=d, method=m, expected=["1234567"], output="",
+                 score=i % 3 / 2, passed=i % 3 == 2, seconds=1.0) for i, (t, L, d, m) in enumerate(grid)]
+
+
+@pytest.mark.parametrize("grid", [(1, 1, 1, 2), (2, 2, 3, 5), (6, 8, 9, 5)], ids=["1x1", "2x3x2", "8x9x6"])
+def test_plots_at_any_grid_size(tmp_path, grid):
+    from lserve_hf.evaluation import METHODS, plot_accuracy_vs_length, plot_heatmaps
+
+    n_tasks, n_lengths, n_depths, n_methods = grid
+    records = _records(TASKS[:n_tasks], [1000 * (i + 1) for i in range(n_lengths)],
+                       [i / max(1, n_depths - 1) for i in range(n_depths)], METHODS[:n_methods])
+    paths = plot_heatmaps(records, str(tmp_path))
+    assert len(paths) == n_methods
+    width, height = _png_size(tmp_path / "heatmap_dense.png")
+    # grows with the grid but wraps tasks into rows of at most 3 panels (110 dpi)
+    assert 300 < width < 110 * 20 and 200 < height < 110 * 12
+    assert plot_accuracy_vs_length(records, str(tmp_path)).endswith("accuracy_vs_length.png")
+    assert _png_size(tmp_path / "accuracy_vs_length.png")[0] < 110 * 14
+
+
+def test_without_matplotlib_the_scores_still_print(embedded, tmp_path, monkeypatch, capsys):
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)         # `import matplotlib...` now fails
+    monkeypatch.setattr(runner_mod, "load_model", lambda path, device=None: embedded)
+    monkeypatch.setattr(runner_mod, "evaluate", lambda *a, **k: _records(["passkey"], [400], [0.5],
+                                                                          ["dense", "lserve"]))
+    assert runner_mod.main(["--tasks", "passkey", "--lengths", "400", "--depths", "0.5", "--out",
+                            str(tmp_path), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "passkey" in text and "lserve" in text
+    assert "No plots: install matplotlib (pip install matplotlib) for the heatmaps." in text
+    assert (tmp_path / "results.csv").is_file() and not list(tmp_path.glob("*.png"))

@@ -1,5 +1,6 @@
 """Run a grid of long-context cases through several attention methods on the same prompts, score
-them, and write ``results.csv``, ``results.json``, a terminal summary and per-method heatmaps."""
+them, and write ``results.csv``, ``results.json``, a terminal summary, per-method heatmaps and an
+accuracy-against-length comparison of the methods (``accuracy_vs_length.png``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 
+from ..argtypes import HelpFormatter, check_device, fraction, model_folder, positive_int
 from ..config import LServeConfig
 from .scoring import score
 from .tasks import HAYSTACKS, TASKS, Case, make_grid
@@ -111,45 +113,106 @@ def summary_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_heatmaps(records: list[dict], out_dir: str, prefix: str = "heatmap") -> list[str]:
-    """One PNG per method: a length x depth grid of mean scores, one panel per task."""
-    import matplotlib
+def _panel_grid(n: int) -> tuple[int, int]:
+    """Rows and columns for ``n`` task panels: at most 3 side by side, so that a figure of many
+    tasks wraps into rows instead of growing too wide to read."""
+    cols = min(n, 3)
+    return math.ceil(n / cols), cols
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _mean_scores(records, keys) -> dict[tuple, float]:
+    """Mean score per combination of the ``keys`` fields, e.g. ``{(method, task, length): 0.75}``."""
+    groups = {}
+    for r in records:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r["score"])
+    return {k: _mean(v) for k, v in groups.items()}
+
+
+def _finish_panels(axes, n: int) -> None:
+    """Hide the panels past the ``n`` used, and give the panel above a hidden one back its x tick
+    labels (``label_outer`` leaves them to the bottom row only)."""
+    rows, cols = axes.shape
+    for i in range(n, rows * cols):
+        axes.flat[i].set_axis_off()
+        if i >= cols:
+            axes.flat[i - cols].xaxis.set_tick_params(labelbottom=True)
+
+
+def plot_heatmaps(records: list[dict], out_dir: str, prefix: str = "heatmap") -> list[str]:
+    """One PNG per method: a length x depth grid of mean scores (%), one panel per task."""
+    from ..plotting import new_figure
 
     paths = []
     tasks = list(dict.fromkeys(r["task"] for r in records))
     lengths = sorted({r["length"] for r in records})
     depths = sorted({r["depth"] for r in records})
+    rows, cols = _panel_grid(len(tasks))
+    # a cell of about 0.5 x 0.35 inch holds its "100"; the margins hold ticks, titles, the colorbar
+    panel_w, panel_h = 0.9 + 0.5 * len(depths), 0.7 + 0.35 * len(lengths)
+    mean = _mean_scores(records, ("method", "task", "length", "depth"))
     for m in dict.fromkeys(r["method"] for r in records):
-        fig, axes = plt.subplots(1, len(tasks), figsize=(1.2 + 0.9 * len(depths) * len(tasks) + 1.0,
-                                                          1.2 + 0.55 * len(lengths)), squeeze=False)
-        for ax, t in zip(axes[0], tasks):
-            grid = [[float("nan")] * len(depths) for _ in lengths]
-            for i, L in enumerate(lengths):
-                for j, d in enumerate(depths):
-                    sc = [r["score"] for r in records
-                          if r["method"] == m and r["task"] == t and r["length"] == L and r["depth"] == d]
-                    if sc:
-                        grid[i][j] = _mean(sc)
+        fig = new_figure("the heatmaps", figsize=(max(3.5, 1.3 + cols * panel_w),
+                                                  max(2.6, 0.9 + rows * panel_h)))
+        axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+        for ax, t in zip(axes.flat, tasks):
+            grid = [[mean.get((m, t, L, d), math.nan) for d in depths] for L in lengths]
             im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-            for i in range(len(lengths)):
-                for j in range(len(depths)):
-                    if not math.isnan(grid[i][j]):
-                        ax.text(j, i, f"{100 * grid[i][j]:.0f}", ha="center", va="center", fontsize=8)
-            ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
-            ax.set_yticks(range(len(lengths)), [str(L) for L in lengths])
-            ax.set_xlabel("needle depth")
-            ax.set_ylabel("context (tokens)")
+            for i, row in enumerate(grid):
+                for j, v in enumerate(row):
+                    if not math.isnan(v):
+                        ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+            ax.set_yticks(range(len(lengths)), [str(L) for L in lengths], fontsize=7)
             ax.set_title(t, fontsize=9)
-        fig.colorbar(im, ax=axes[0].tolist(), fraction=0.04, label="score")
-        fig.suptitle(f"{m}", fontsize=10)
+            ax.label_outer()           # shared axes: tick labels on the outer panels only
+        _finish_panels(axes, len(tasks))
+        fig.colorbar(im, ax=axes, shrink=min(1.0, 0.5 + 0.1 * len(lengths)), aspect=25, pad=0.01,
+                     label="score (%)", format=lambda v, _: f"{100 * v:.0f}")
+        fig.supxlabel("needle depth (0: start of the haystack, 1: end)", fontsize=9)
+        fig.supylabel("context (tokens)", fontsize=9)
+        fig.suptitle(f"{m}: score per context length and needle depth", fontsize=10)
         path = os.path.join(out_dir, f"{prefix}_{m}.png")
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        fig.savefig(path, dpi=110)
         paths.append(path)
     return paths
+
+
+def plot_accuracy_vs_length(records: list[dict], out_dir: str) -> str:
+    """``accuracy_vs_length.png``: mean score (over depths) against context length, one line per
+    method on each task's panel, so that dense and the LServe variants compare at a glance."""
+    from ..plotting import new_figure
+
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    lengths = sorted({r["length"] for r in records})
+    rows, cols = _panel_grid(len(tasks))
+    fig = new_figure("the accuracy plot", figsize=(2.6 + 3.3 * cols, 1.2 + 2.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    mean = _mean_scores(records, ("method", "task", "length"))
+    for ax, t in zip(axes.flat, tasks):
+        for m in methods:
+            pts = [(L, 100 * mean[m, t, L]) for L in lengths if (m, t, L) in mean]
+            # dense, the reference, is a wide grey band underneath: a variant that matches it
+            # stays visible on top of it instead of being hidden
+            style = dict(color="0.55", linewidth=5, markersize=9, alpha=0.6, zorder=1) if m == "dense" \
+                else dict(linewidth=1.5, markersize=4, zorder=2)
+            ax.plot(*zip(*pts), marker="o", label=m, **style)
+        ax.set_xticks(lengths, [str(L) for L in lengths], fontsize=8)
+        ax.set_title(t, fontsize=9)
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+        ax.label_outer()
+    _finish_panels(axes, len(tasks))
+    # beside the panels, not below them, where it would cover the shared x label
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    fig.supxlabel("context length (tokens)", fontsize=9)
+    fig.supylabel("accuracy (mean score, %)", fontsize=9)
+    depths = sorted({r["depth"] for r in records})
+    fig.suptitle(f"Accuracy against context length (mean over {len(depths)} needle "
+                 f"depth{'s' if len(depths) > 1 else ''})", fontsize=10)
+    path = os.path.join(out_dir, "accuracy_vs_length.png")
+    fig.savefig(path, dpi=110)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,32 +260,45 @@ def evaluate(model, tokenizer, cases: list[Case], methods=("dense", "lserve"),
     return records
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="lserve-hf eval", description=(
-        "Offline long-context evaluation (passkey, RULER-style needle-in-a-haystack, variable "
-        "tracking): dense vs LServe variants on the same seeded prompts."))
-    p.add_argument("--model", default=None, help="a local Transformers model folder; default: the "
-                   "embedded SmolLM2-135M-Instruct")
-    p.add_argument("--tasks", nargs="+", default=["passkey", "niah_single"], choices=TASKS)
-    p.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000], help="prompt lengths (tokens)")
-    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="needle depths in [0, 1]")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--seed", type=int, default=0)
+DESCRIPTION = ("Offline long-context evaluation (passkey, RULER-style needle-in-a-haystack, variable "
+               "tracking): dense vs LServe variants on the same seeded prompts.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``lserve-hf eval`` (also ``python -m lserve_hf.evaluation``)."""
+    p.add_argument("--model", metavar="PATH", type=model_folder, default=None,
+                   help="a local Transformers model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--tasks", nargs="+", default=["passkey", "niah_single"], choices=TASKS, metavar="TASK",
+                   help=f"tasks to run: {', '.join(TASKS)}")
+    p.add_argument("--lengths", metavar="N", type=positive_int, nargs="+", default=[1000, 2000],
+                   help="prompt lengths (tokens)")
+    p.add_argument("--depths", metavar="D", type=fraction, nargs="+", default=[0.1, 0.5, 0.9],
+                   help="needle depths in [0, 1] (0: start of the haystack, 1: end)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                   help=f"dense, full LServe, and ablations of its two sparsities: {', '.join(METHODS)}")
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts (needles, keys, haystack)")
     p.add_argument("--haystack", default="filler", choices=HAYSTACKS, help="built-in haystack text")
-    p.add_argument("--haystack-file", default=None, help="use this text file as the haystack")
+    p.add_argument("--haystack-file", metavar="PATH", default=None, help="use this text file as the haystack")
     p.add_argument("--value-type", default="number", choices=["number", "uuid"],
                    help="needle values: 7-digit numbers or UUIDs")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
-    p.add_argument("--out", default="eval_out", help="output folder")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: per task (12 to 64)")
-    p.add_argument("--device", default=None, help="e.g. cuda; default CPU")
-    p.add_argument("--head-pattern", default=None, help="full_attention_heads.tsv for --model")
-    p.add_argument("--streaming-sparsity", type=float, default=None)
-    p.add_argument("--token-budget", type=int, default=None)
-    p.add_argument("--prefill-local", type=int, default=None)
-    p.add_argument("--decode-local", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--out", metavar="DIR", default="eval_out", help="output folder")
+    p.add_argument("--max-new-tokens", metavar="N", type=positive_int, default=None,
+                   help="tokens generated per case (default: per task, 12 to 64)")
+    p.add_argument("--device", metavar="DEVICE", default=None, help="e.g. cuda (default: CPU)")
+    p.add_argument("--head-pattern", metavar="PATH", default=None,
+                   help="full_attention_heads.tsv for --model (default: the model's shipped pattern, if any)")
+    lserve = p.add_argument_group("LServe settings (default: 50% streaming heads when a pattern is known, "
+                                  "budget 512, prefill local 1024, decode local 256)")
+    lserve.add_argument("--streaming-sparsity", type=fraction, default=None,
+                        help="fraction of KV heads that stream")
+    lserve.add_argument("--token-budget", type=positive_int, default=None,
+                        help="tokens a retrieval head reads per decode step (a multiple of 64)")
+    lserve.add_argument("--prefill-local", type=positive_int, default=None,
+                        help="streaming heads' local window at prefill (tokens)")
+    lserve.add_argument("--decode-local", type=positive_int, default=None,
+                        help="streaming heads' local window at decode (tokens)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def load_model(path: str | None, device=None):
@@ -243,9 +319,16 @@ def load_model(path: str | None, device=None):
     return model, tok
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "lserve-hf eval") -> int:
     """``lserve-hf eval``: returns 0 (the scores are results, not a pass/fail verdict)."""
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=HelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(sys.argv[1:] if argv is None else argv), p)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run the evaluation ``args`` describe; ``parser`` reports what cannot run (exit 2)."""
+    check_device(parser, args.device)
     import torch
     import transformers
 
@@ -253,7 +336,10 @@ def main(argv=None) -> int:
     base = default_lserve_config(model, args.head_pattern)
     over = {k: getattr(args, k) for k in ("streaming_sparsity", "token_budget", "prefill_local", "decode_local")
             if getattr(args, k) is not None}
-    base = replace(base, **over)
+    try:
+        base = replace(base, **over)
+    except ValueError as e:
+        parser.error(str(e))
     t0 = time.perf_counter()
     cases = make_grid(tok, args.tasks, args.lengths, args.depths, args.seed, haystack=args.haystack,
                       haystack_file=args.haystack_file, value_type=args.value_type, chat=args.chat)
@@ -271,9 +357,14 @@ def main(argv=None) -> int:
                        out_dir=args.out, meta=meta, progress=not args.no_progress)
     meta["wall_seconds"] = round(time.perf_counter() - t0, 1)
     write_results(records, args.out, meta)
-    paths = plot_heatmaps(records, args.out)
+    # the scores first: they are the result, and plotting can fail (no matplotlib) or take a while
     print("\nScore (% of expected strings found, RULER-style) per method x task x context length:\n")
-    print(summary_table(records))
-    print(f"\nWrote {os.path.join(args.out, 'results.csv')}, results.json and {len(paths)} heatmaps "
-          f"({meta['wall_seconds']} s).")
+    print(summary_table(records), flush=True)
+    print(f"\nWrote {os.path.join(args.out, 'results.csv')} and results.json ({meta['wall_seconds']} s).")
+    try:
+        paths = plot_heatmaps(records, args.out) + [plot_accuracy_vs_length(records, args.out)]
+    except ImportError as e:
+        print(f"No plots: {e}.")
+        return 0
+    print(f"Plots: {', '.join(paths)}")
     return 0
