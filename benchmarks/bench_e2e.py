@@ -58,7 +58,8 @@ STATUSES_KEPT = ("ok", "oom")   # results a resumed run keeps; errors and timeou
 
 
 def parser(prog=None) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=prog or "lserve-hf bench e2e", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--lengths", type=_at_least(16), nargs="+", default=None,
                     help=f"prompt lengths (default {' '.join(map(str, REAL['lengths']))}; dry run {DRY['lengths'][0]})")
@@ -99,12 +100,13 @@ def parser(prog=None) -> argparse.ArgumentParser:
 def main(argv=None, prog=None) -> int:
     started = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser(prog).parse_args(argv)
+    ap = parser(prog)
+    args = ap.parse_args(argv)
     if args.child is not None:
         from lserve_hf.benchmarks.e2e_child import main as child_main
         return child_main(json.loads(args.child))
     settings = resolve(args)
-    if not args.dry_run and gpu_missing("bench e2e"):
+    if not args.dry_run and gpu_missing(ap.prog):
         return 2
     base = DRY if args.dry_run else REAL
     lengths = args.lengths or base["lengths"]
