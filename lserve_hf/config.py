@@ -54,6 +54,19 @@ class LServeConfig:
         cuda_graphs: on CUDA, replay each decode step of the whole decoder as a CUDA graph (two
             graphs: a step that selects pages and a step that reuses them). Removes the Python and
             launch overhead that otherwise dominates time per token. Ignored on CPU.
+
+    Offload (SparseServe's hierarchical KV memory, ``lserve_hf.offload``):
+        offload: None (default: every page in GPU memory) or "host": the retrieval heads' pages live
+            in pinned host memory, and each (row, retrieval KV head) keeps the pages decode reads in
+            a GPU page cache, loaded on a miss by a kernel that reads host memory directly. GPU
+            memory then no longer grows with the context (summaries aside: 1/8 of the keys at 16-token
+            logical pages). Dense layers keep their pages on the GPU (they read all of them).
+        hbm_pages: pages per (row, retrieval KV head) in the GPU page cache, the newest page
+            included. None: 2x ``pages_per_selection``. Raised, if lower, to what one step can read
+            (G query heads per KV head: ``G * pages_per_selection + 1``), so a step always fits.
+        offload_policy: which cached page a miss replaces: "lru" (default: least recently read) or
+            "frequency" (least often read since loaded, then least recently). On a synthetic
+            selection trace LRU hits as often or more (docs/offload.md).
     """
 
     streaming_sparsity: float = 0.5
@@ -70,6 +83,9 @@ class LServeConfig:
     prefill_query_block: int = 1024
     prefill_chunk_size: int | None = 16384
     cuda_graphs: bool = True
+    offload: str | None = None
+    hbm_pages: int | None = None
+    offload_policy: str = "lru"
 
     def __setattr__(self, name, value):
         if self.__dict__.get("_validated"):
@@ -115,6 +131,12 @@ class LServeConfig:
             raise ValueError(f"backend={self.backend!r} is not one of 'auto', 'triton', 'torch'.")
         if not isinstance(self.cuda_graphs, bool):
             raise TypeError(f"cuda_graphs={self.cuda_graphs!r} must be True or False.")
+        if self.offload not in (None, "host"):
+            raise ValueError(f"offload={self.offload!r} is not None or 'host'.")
+        if self.hbm_pages is not None:
+            set_(self, "hbm_pages", _integer("hbm_pages", self.hbm_pages, 1))
+        if self.offload_policy not in ("lru", "frequency"):
+            raise ValueError(f"offload_policy={self.offload_policy!r} is not one of 'lru', 'frequency'.")
         set_(self, "_validated", True)
 
     def __hash__(self):
