@@ -200,13 +200,15 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select)
 
 # -- decode -------------------------------------------------------------------------------------
 
-def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=None) -> torch.Tensor:
+def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=None,
+                 token_pages=None) -> torch.Tensor:
     """Attention of one query per head over selected pages only.
 
     q ``[B, Hkv, G, D]``; pools ``[B, Hkv, T, D]``; pages int ``[B, Hkv, G, K]`` (-1 or an index
     past the row's pages means an empty slot). Reads only the gathered pages. Returns
     ``[B, Hkv, G, D]`` in q's dtype. ``window`` (Mistral's sliding window) hides tokens older than
-    the newest ``window``."""
+    the newest ``window``. ``token_pages``: the page of the sequence each entry of ``pages`` holds,
+    when ``pages`` index a page cache (offload) rather than the pool."""
     acc = _acc_dtype(q)
     B, Hkv, T, D = pool_k.shape
     P = T // page_size
@@ -218,7 +220,8 @@ def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=Non
     gidx = flat.view(B, Hkv, -1, 1, 1).expand(-1, -1, -1, page_size, D)
     ksel = torch.gather(kp, 2, gidx).view(*pages.shape, page_size, D)     # [B, Hkv, G, K, page, D]
     vsel = torch.gather(vp, 2, gidx).view(*pages.shape, page_size, D)
-    tok = idx.unsqueeze(-1) * page_size + torch.arange(page_size, device=q.device)
+    at = idx if token_pages is None else token_pages
+    tok = at.unsqueeze(-1) * page_size + torch.arange(page_size, device=q.device)
     valid = slot_ok.unsqueeze(-1) & (tok < lengths.view(B, 1, 1, 1, 1))   # [B, Hkv, G, K, page]
     if window is not None:
         valid = valid & (tok >= lengths.view(B, 1, 1, 1, 1) - window)
