@@ -65,8 +65,9 @@ class LServeConfig:
             included. None: 2x ``pages_per_selection``. Raised, if lower, to what one step can read
             (G query heads per KV head: ``G * pages_per_selection + 1``), so a step always fits.
         offload_policy: which cached page a miss replaces: "lru" (default: least recently read) or
-            "frequency" (least often read since loaded, then least recently). On a synthetic
-            selection trace LRU hits as often or more (docs/offload.md).
+            "frequency" (least often read since loaded, then least recently). They tie on the
+            embedded model's selections; frequency misses less only where queries jump between
+            selections (docs/offload.md).
     """
 
     streaming_sparsity: float = 0.5

@@ -16,10 +16,13 @@ import torch
 
 from conftest import tiny_llama
 from lserve_hf import LServeCache, LServeConfig, max_batch_size, patch_model, unpatch_model
-from lserve_hf.offload import HostPagePool, working_set
+from lserve_hf.offload import HostPagePool, host_zeros, working_set
 from lserve_hf.page_cache import PageCache, write_host
 
-if not torch.cuda.is_available():
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"      # the page cache's device; its host pool is pinned on CUDA
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
     for _name in [m for m in sys.modules if m.startswith("lserve_hf.kernels.")]:
         importlib.reload(sys.modules[_name])
@@ -184,6 +187,12 @@ def _read_list(sel, lengths, ps):
     return torch.cat([sel, torch.where((sel == last).any(-1, keepdim=True), -1, last)], -1)
 
 
+def _host(x):
+    """A copy of ``x`` in host memory as a HostPagePool holds it (pinned and mapped on CUDA)."""
+    t = host_zeros(x.shape, x.dtype, pin=CUDA)
+    return t.copy_(x)
+
+
 def _drive(caches, steps, kernels, H=2, G=2, n_sel=3, ps=4, D=8, seed=0):
     """``steps`` decode steps (a token appended, the pages looked up and loaded; a new selection
     every other step) on PageCaches of two rows, through the kernels where ``kernels[i]``: yields
@@ -191,16 +200,16 @@ def _drive(caches, steps, kernels, H=2, G=2, n_sel=3, ps=4, D=8, seed=0):
     from lserve_hf.kernels import page_cache as KP
 
     gen = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([21, 30])
+    lengths = torch.tensor([21, 30], device=DEV)
     B = 2
     host_k, host_v = torch.randn(B, H, 128, D, generator=gen), torch.randn(B, H, 128, D, generator=gen)
-    pools = [(host_k.clone(), host_v.clone()) for _ in caches]
+    pools = [(_host(host_k), _host(host_v)) for _ in caches]
     for step in range(steps):
         pos = lengths.view(B, 1).clone()
         lengths = lengths + 1
-        kr, vr = torch.randn(B, H, 1, D, generator=gen), torch.randn(B, H, 1, D, generator=gen)
+        kr, vr = (torch.randn(B, H, 1, D, generator=gen).to(DEV) for _ in range(2))
         if step % 2 == 0:
-            sel = _selection(lengths, H, G, n_sel, ps, gen)
+            sel = _selection(lengths.cpu(), H, G, n_sel, ps, gen).to(DEV)
         pages = _read_list(sel, lengths, ps)
         for cache, (hk, hv), kern in zip(caches, pools, kernels):
             if kern:
@@ -212,11 +221,13 @@ def _drive(caches, steps, kernels, H=2, G=2, n_sel=3, ps=4, D=8, seed=0):
                 cache.append(kr, vr, pos)
                 cache.lookup(pages, lengths)
                 cache.load(hk, hv)
+        if CUDA:
+            torch.cuda.synchronize()
         yield pools[0], pages, lengths, pos
 
 
 def _cache(policy, slots, H=2, G=2, K=4, ps=4, D=8):
-    return PageCache(2, H, D, slots, 128 // ps, G * K, ps, policy, torch.float32, "cpu")
+    return PageCache(2, H, D, slots, 128 // ps, G * K, ps, policy, torch.float32, DEV)
 
 
 @pytest.mark.parametrize("policy, slots", [("lru", 7), ("frequency", 7), ("lru", 11)])
@@ -233,16 +244,16 @@ def test_reference_lookup_equals_brute_force(policy, slots):
             for p, s in zip(entries, want):            # every slot read holds its page's tokens
                 if s >= 0:
                     n = min(ps, int(lengths[b]) - p * ps)
-                    assert torch.equal(cache.hbm_k[b, h, s * ps:s * ps + n], hk[b, h, p * ps:p * ps + n])
+                    assert torch.equal(cache.hbm_k[b, h, s * ps:s * ps + n].cpu(), hk[b, h, p * ps:p * ps + n])
     counts = torch.tensor([[[bc.touched, bc.hits, bc.misses] for h in range(2) for bc in [brute[(b, h)]]]
                            for b in range(2)])
-    assert torch.equal(cache.stats, counts)
+    assert torch.equal(cache.stats.cpu(), counts)
 
 
 @pytest.mark.parametrize("policy", ["lru", "frequency"])
 def test_kernels_equal_reference(policy):
-    """Triton's lookup, load and append (the interpreter on CPU: host pool and cache are CPU
-    tensors) leave the reference's state, bit for bit."""
+    """Triton's lookup, load and append leave the reference's state, bit for bit: on CUDA from a
+    pinned host pool (read and written in place), on CPU in the interpreter (CPU tensors)."""
     pytest.importorskip("triton")
     ref, tri = _cache(policy, 7), _cache(policy, 7)
     for _ in _drive([ref, tri], 12, [False, True]):
@@ -252,9 +263,12 @@ def test_kernels_equal_reference(policy):
             assert torch.equal(getattr(ref, name), getattr(tri, name)), name
     # a multi-token append writes host memory only
     from lserve_hf.kernels import page_cache as KP
-    hk, hv = torch.zeros(2, 2, 64, 8), torch.zeros(2, 2, 64, 8)
-    k, v, pos = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8), torch.tensor([[5, 6, 7], [9, 10, 11]])
+    hk, hv = _host(torch.zeros(2, 2, 64, 8)), _host(torch.zeros(2, 2, 64, 8))
+    k, v = torch.randn(2, 2, 3, 8, device=DEV), torch.randn(2, 2, 3, 8, device=DEV)
+    pos = torch.tensor([[5, 6, 7], [9, 10, 11]], device=DEV)
     KP.append_tokens(None, hk, hv, k, v, pos)
+    if CUDA:
+        torch.cuda.synchronize()
     wk, wv = torch.zeros_like(hk), torch.zeros_like(hv)
     write_host(wk, wv, k, v, pos)
     assert torch.equal(hk, wk) and torch.equal(hv, wv)
@@ -270,8 +284,8 @@ def test_decode_kernel_reads_the_page_cache_by_slot():
     cache = _cache("lru", 7, D=16)
     for (hk, hv), pages, lengths, _ in _drive([cache], 6, [False], D=16):
         pass
-    q = torch.randn(2, 2, 2, 16, generator=torch.Generator().manual_seed(5))
-    want = R.paged_decode(q.double(), hk.double(), hv.double(), pages, lengths, 4, 0.25)
+    q = torch.randn(2, 2, 2, 16, generator=torch.Generator().manual_seed(5)).to(DEV)
+    want = R.paged_decode(q.double(), hk.to(DEV).double(), hv.to(DEV).double(), pages, lengths, 4, 0.25)
     empty = q[:, :0]
     _, got = sparse_paged_decode(empty, empty, empty, empty, empty, q, cache.hbm_k, cache.hbm_v, cache.slot_ids,
                                  cache.slot_lengths, 0, 1, 4, 0.25)
@@ -331,3 +345,35 @@ def test_max_batch_size_grows_with_memory_and_offload_fits_more():
               for layer in cache.layers) + sum(layer.streaming.nbytes() for layer in cache.layers)
     assert abs(gpu - max_batch_size(model, 4096, 2 ** 30, 64).row_bytes_offload) < 0.02 * gpu
     unpatch_model(model)
+
+
+# -- on CUDA: the Triton kernels, pinned host memory, CUDA graphs ------------------------------------
+
+@gpu
+def test_gpu_host_pool_is_pinned_at_its_size():
+    t = host_zeros((3, 5, 7, 64), torch.bfloat16, pin=True)
+    assert t.is_pinned() and t.untyped_storage().nbytes() <= t.numel() * 2 + 2 * 4096 and not t.any()
+
+
+@gpu
+@pytest.mark.parametrize("graphs", [False, True])
+def test_gpu_offloaded_generate_equals_in_memory(graphs):
+    """The patched model on CUDA: Triton prefill, selection, page-cache lookup / load / append and
+    decode (two launches, the retrieval heads by slot), eager or replayed as CUDA graphs."""
+    ids = torch.randint(1, 100, (2, 300), generator=torch.Generator().manual_seed(0)).to("cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :29] = 0
+    cfg = LServeConfig(streaming_sparsity=0.5, page_size=16, logical_page_size=16, token_budget=64,
+                       prefill_sink=4, prefill_local=64, decode_sink=4, decode_local=32, prefill_chunk_size=128,
+                       cuda_graphs=graphs)
+    out = {}
+    for name, c in (("memory", cfg), ("offload", dataclasses.replace(cfg, offload="host", hbm_pages=4))):
+        model = patch_model(tiny_llama(layers=3, heads=4, kv_heads=2).cuda(), c, PATTERN)
+        with torch.no_grad():
+            out[name] = model.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False,
+                                       output_logits=True, return_dict_in_generate=True)
+    a, b = torch.stack(out["offload"].logits), torch.stack(out["memory"].logits)
+    assert ((a - b).norm() / b.norm()) < 1e-4
+    assert (out["offload"].sequences == out["memory"].sequences).float().mean() > 0.95
+    ws = out["offload"].past_key_values.working_set()
+    assert ws["steps"] == 47 and ws["misses"] > 0
