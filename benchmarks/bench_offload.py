@@ -10,7 +10,8 @@ Llama-3-8B config (32 layers, 32 query / 8 KV heads, head dim 128, bf16), 50% st
 (c) peak GPU memory of the 256K offloaded prefill against weights + one layer's KV.
 
 A run that would overrun ``--time-budget`` (predicted from the runs so far) is skipped, and said
-so. ``--quick`` fits about 8 minutes: 128K, 256K, (b), then 1M, 12 decode steps, one batch try.
+so. ``--quick`` fits about 8 minutes: 128K (both), 1M (offload), (b) with one try per mode, 256K
+(both) for (c), 12 decode steps. ``--parts`` runs some of (a), (b), (c).
 
     python -m lserve_hf.benchmarks.bench_offload --quick --out offload.json
 """
@@ -18,12 +19,12 @@ so. ``--quick`` fits about 8 minutes: 128K, 256K, (b), then 1M, 12 decode steps,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -104,7 +105,7 @@ def run(model, n, steps, batch=1):
 
     _free()
     torch.cuda.reset_peak_memory_stats()
-    ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (1, n), device=model.device)
     cache = LServeCache(model, max_length=n + steps + 1)
     ttft, out = timed(lambda: model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1))
     prefill_peak = torch.cuda.max_memory_allocated()
@@ -154,10 +155,10 @@ def sweep_length(model, configs, n, steps, budget, cap_bytes, rows, modes):
 
     pattern, config = configs
     for mode in modes:
-        cfg = config if mode == "offload" else dataclasses.replace(config, offload=None)
+        cfg = config if mode == "offload" else replace(config, offload=None)
         host = n * KV_PER_TOKEN // 2 if mode == "offload" else 0     # the retrieval half, pinned
         predicted = budget.ttft(n) + steps * 0.1 + host / (3 * GIB)   # pinning ~3 GB/s
-        peak = weights_bytes(model) + (n * KV_PER_TOKEN + 4 * GIB if mode == "memory" else 0)
+        peak = weights_bytes(model) + (n * KV_PER_TOKEN + min(4 * GIB, cap_bytes // 10) if mode == "memory" else 0)
         if not budget.allows(predicted):
             r = dict(length=n, batch=1, skipped=f"time budget ({predicted:.0f} s predicted, {budget.left():.0f} left)")
         elif host and host > 0.85 * host_available():
@@ -175,16 +176,16 @@ def sweep_length(model, configs, n, steps, budget, cap_bytes, rows, modes):
 
 
 def batch_at(model, configs, n, steps, budget, cap_bytes, tries):
-    """(b): per mode, the batch ``max_batch_size`` allows (3 GiB kept for activations), run; a
-    batch that does not fit is retried 15% smaller."""
+    """(b): per mode, the batch ``max_batch_size`` allows (3 GiB kept for activations and the
+    repeat's transient copy), run; a batch that does not fit is retried 15% smaller."""
     from lserve_hf import max_batch_size, patch_model
 
     pattern, config = configs
     rows = []
     for mode in ("memory", "offload"):
-        cfg = config if mode == "offload" else dataclasses.replace(config, offload=None)
+        cfg = config if mode == "offload" else replace(config, offload=None)
         patch_model(model, cfg, head_pattern=pattern)
-        fit = max_batch_size(model, n, cap_bytes - 3 * GIB, new_tokens=steps,
+        fit = max_batch_size(model, n, cap_bytes - min(3 * GIB, cap_bytes // 10), new_tokens=steps,
                              host_memory_bytes=int(0.8 * host_available()))
         b = fit.offload if mode == "offload" else fit.in_memory
         estimate = b
@@ -247,15 +248,26 @@ def main(argv=None):
     ap.add_argument("--policy", default="lru", choices=["lru", "frequency"])
     ap.add_argument("--batch-tries", type=int, default=3)
     ap.add_argument("--time-budget", type=float, default=None, help="seconds; runs predicted to overrun are skipped")
-    ap.add_argument("--quick", action="store_true", help="about 8 minutes: 128K, 256K, (b), 1M; 12 steps; one try")
+    ap.add_argument("--parts", nargs="+", default=["sweep", "batch", "peak"], choices=["sweep", "batch", "peak"],
+                    help="(a) sweep, (b) batch, (c) peak: the --peak-length prefill, offloaded and in memory")
+    ap.add_argument("--quick", action="store_true",
+                    help="about 8 minutes: 128K (both), 1M (offload), (b) with one try, 256K; 12 steps")
     ap.add_argument("--out", default=None, help="JSON file of every row")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_offload needs a CUDA GPU (none found); nothing was run", file=sys.stderr)
         return 2
-    if args.quick:
-        args.lengths, args.steps, args.batch_tries = [131072, 262144, 1048576], 12, 1
-        args.time_budget = args.time_budget or 470.0
+    both = ("offload", "memory")
+    # what runs, in order; a run predicted to overrun the budget is skipped and said so
+    plan = [("sweep", n, both) for n in args.lengths] * ("sweep" in args.parts)
+    plan += [("batch",)] * ("batch" in args.parts)
+    if "peak" in args.parts and ("sweep" not in args.parts or args.peak_length not in args.lengths):
+        plan.append(("sweep", args.peak_length, both))
+    if args.quick:   # the headline first: 1M fits; then (b), then (c)
+        args.steps, args.batch_tries = 12, 1
+        args.time_budget = args.time_budget or 480.0
+        plan = [("sweep", 131072, both), ("sweep", 1048576, ("offload",)), ("batch",),
+                ("sweep", args.peak_length, ("offload",)), ("sweep", args.peak_length, ("memory",))]
     from lserve_hf import LServeConfig, patch_model
 
     budget = Budget(args.time_budget)
@@ -268,22 +280,17 @@ def main(argv=None):
     config = LServeConfig(streaming_sparsity=0.5, prefill_local=8192, token_budget=4096, offload="host",
                           hbm_pages=args.hbm_pages, offload_policy=args.policy)
     configs = (pattern, config)
-    # warm-up: every kernel compiled (one-pass and chunked prefill, eager and graph decode, page cache)
-    for cfg in (config, dataclasses.replace(config, offload=None)):
+    # warm-up, every kernel compiled: one-pass and chunked prefill, page cache, both decode layouts
+    for cfg, n in ((config, 4096), (config, config.prefill_chunk_size + 4096), (replace(config, offload=None), 4096)):
         patch_model(model, cfg, head_pattern=pattern)
-        run(model, 4096, 6)
-        run(model, config.prefill_chunk_size + 4096, 6)
+        run(model, n, 6)
     print(f"warm-up done in {time.perf_counter() - budget.start:.0f} s", flush=True)
     sweep, batch = [], []
-    quick_late = [n for n in args.lengths if n > 262144] if args.quick else []
-    for n in [n for n in args.lengths if n not in quick_late]:
-        sweep_length(model, configs, n, args.steps, budget, cap, sweep,
-                     ("offload",) if args.quick and n > 131072 else ("offload", "memory"))
-    batch = batch_at(model, configs, args.batch_length, args.steps, budget, cap, args.batch_tries)
-    for n in quick_late:
-        sweep_length(model, configs, n, args.steps, budget, cap, sweep, ("offload",))
-    if args.quick and 262144 in args.lengths:
-        sweep_length(model, configs, 262144, args.steps, budget, cap, sweep, ("memory",))
+    for item in plan:
+        if item[0] == "batch":
+            batch = batch_at(model, configs, args.batch_length, args.steps, budget, cap, args.batch_tries)
+        else:
+            sweep_length(model, configs, item[1], args.steps, budget, cap, sweep, item[2])
     info = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 torch=torch.__version__, triton=__import__("triton").__version__, memory_gib=args.memory_gib,
                 config="Llama-3-8B, random weights, bf16, 50% streaming heads, budget 4096",

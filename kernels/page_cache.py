@@ -61,7 +61,7 @@ LENGTH_ARGS = {"_lookup_kernel": ["stb", "sth", "NP"], "_append_kernel": ["stb",
 def _policy_key(last, freq, owner, FREQUENCY: tl.constexpr):
     """lserve_hf.page_cache.policy_key: free slots -1, then LRU or (read count, last read)."""
     if FREQUENCY:
-        key = (tl.minimum(freq, _FREQ_CAP).to(tl.int64) << 32) | (last & 0xFFFFFFFF)
+        key = (tl.minimum(freq, _FREQ_CAP).to(tl.int64) << 32) | (last - ((last >> 32) << 32))   # int64 only
     else:
         key = last
     return tl.where(owner < 0, -1, key)
