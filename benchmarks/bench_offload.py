@@ -28,6 +28,8 @@ from dataclasses import replace
 
 import torch
 
+from lserve_hf.benchmarks.bench_e2e import timed
+
 GIB = 2 ** 30
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
@@ -87,14 +89,6 @@ class Budget:
 def _free():
     gc.collect()
     torch.cuda.empty_cache()
-
-
-def timed(fn):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
 
 
 @torch.no_grad()
@@ -205,27 +199,35 @@ def batch_at(model, configs, n, steps, budget, cap_bytes, tries):
     return rows
 
 
+SWEEP_COLUMNS = [("TTFT s", "ttft_s", ">8.2f"), ("TPOT ms", "tpot_ms", ">8.2f"), ("1st step ms", "first_step_ms", ">11.1f"),
+                 ("prefill GiB", "prefill_peak_gib", ">11.1f"), ("peak GiB", "peak_gib", ">8.1f"),
+                 ("host GiB", "host_pool_gib", ">8.1f"), ("hit rate", "hit_rate", ">8.4f")]
+BATCH_COLUMNS = [("GiB/row", "row_gib", ">7.2f"), ("TPOT ms", "tpot_ms", ">8.2f"), ("tokens/s", "tokens_per_s", ">9.1f"),
+                 ("peak GiB", "peak_gib", ">8.1f"), ("hit rate", "hit_rate", ">8.4f")]
+
+
+def _section(rows, lead, columns):
+    """A header and a line per row: the ``lead`` fields (name, width), then ``columns`` (header,
+    field, format; "-" where a row has none), or why the run was skipped."""
+    def width(fmt):
+        return int(fmt.strip("<>").split(".")[0])
+    lines = [" ".join(f"{k:>{w}}" for k, w in lead) + " " + " ".join(f"{h:>{width(f)}}" for h, _, f in columns)]
+    for r in rows:
+        head = " ".join(f"{str(r.get(k, '')):>{w}}" for k, w in lead)
+        if "skipped" in r:
+            lines.append(f"{head} skipped: {r['skipped']}")
+            continue
+        lines.append(head + " " + " ".join(f"{r[k]:{f}}" if r.get(k) is not None else f"{'-':>{width(f)}}"
+                                           for _, k, f in columns))
+    return lines
+
+
 def table(info):
     """The summary printed last."""
-    lines = ["", f"(a) context sweep, batch 1 ({info['device']}, GPU capped at {info['memory_gib']} GiB)",
-             f"{'length':>8} {'mode':<8} {'TTFT s':>8} {'TPOT ms':>8} {'1st step ms':>11} {'prefill GiB':>11} "
-             f"{'peak GiB':>8} {'host GiB':>8} {'hit rate':>8}"]
-    for r in info["sweep"]:
-        if "skipped" in r:
-            lines.append(f"{r['length']:>8} {r['mode']:<8} skipped: {r['skipped']}")
-            continue
-        hit = f"{r['hit_rate']:.4f}" if r.get("hit_rate") is not None else "-"
-        lines.append(f"{r['length']:>8} {r['mode']:<8} {r['ttft_s']:>8.2f} {r['tpot_ms']:>8.2f} {r['first_step_ms']:>11.1f} "
-                     f"{r['prefill_peak_gib']:>11.1f} {r['peak_gib']:>8.1f} {r['host_pool_gib']:>8.1f} {hit:>8}")
-    lines += ["", f"(b) largest batch at {info['batch_length']} tokens",
-              f"{'mode':<8} {'estimate':>8} {'batch':>6} {'GiB/row':>7} {'TPOT ms':>8} {'tokens/s':>9} {'peak GiB':>8} {'hit rate':>8}"]
-    for r in info["batch"]:
-        if "skipped" in r:
-            lines.append(f"{r['mode']:<8} {r['estimate']:>8} {r['batch']:>6} skipped: {r['skipped']}")
-            continue
-        hit = f"{r['hit_rate']:.4f}" if r.get("hit_rate") is not None else "-"
-        lines.append(f"{r['mode']:<8} {r['estimate']:>8} {r['batch']:>6} {r['row_gib']:>7.2f} {r['tpot_ms']:>8.2f} "
-                     f"{r['tokens_per_s']:>9.1f} {r['peak_gib']:>8.1f} {hit:>8}")
+    lines = ["", f"(a) context sweep, batch 1 ({info['device']}, GPU capped at {info['memory_gib']} GiB)"]
+    lines += _section(info["sweep"], [("length", 8), ("mode", 8)], SWEEP_COLUMNS)
+    lines += ["", f"(b) largest batch at {info['batch_length']} tokens"]
+    lines += _section(info["batch"], [("mode", 8), ("estimate", 8), ("batch", 6)], BATCH_COLUMNS)
     c = info.get("prefill_memory")
     lines += ["", f"(c) peak GPU memory of the {info['peak_length']}-token prefill"]
     if c:
