@@ -28,12 +28,10 @@ from dataclasses import replace
 
 import torch
 
-from lserve_hf.benchmarks.bench_e2e import timed
+from lserve_hf.benchmarks.e2e_child import LLAMA3_8B
 
 GIB = 2 ** 30
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
-                 max_position_embeddings=1 << 21)
+CONFIG = dict(LLAMA3_8B, max_position_embeddings=1 << 21)    # room for 1M tokens and the new ones
 KV_PER_TOKEN = 32 * 8 * 128 * 2 * 2      # bytes of every KV head of every layer, one token (bf16)
 
 
@@ -42,7 +40,7 @@ def build_model():
 
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B, attn_implementation="sdpa")).eval()
+        model = LlamaForCausalLM(LlamaConfig(**CONFIG, attn_implementation="sdpa")).eval()
     torch.set_default_dtype(torch.float32)
     return model
 
@@ -89,6 +87,15 @@ class Budget:
 def _free():
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def timed(fn):
+    """(seconds, result) of ``fn()``, the GPU synchronised on both sides."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
 
 
 @torch.no_grad()

@@ -8,6 +8,9 @@ pages of 64 tokens, logical pages of 16, a selector interval of 4.
 
 from __future__ import annotations
 
+import datetime
+import json
+import math
 import sys
 
 import torch
@@ -54,18 +57,40 @@ def graph_time(fn, n_inner):
     return bench(g.replay) / n_inner
 
 
+def environment():
+    """What a benchmark's JSON records about the run: GPU, date, torch and Triton versions."""
+    import triton
+
+    return {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(),
+            "torch": torch.__version__, "triton": triton.__version__}
+
+
+def print_checks(checks):
+    print("\nchecks:")
+    for c in checks:
+        print("  ", json.dumps(c))
+
+
+def save_json(path, result):
+    """Write ``result`` to ``path`` (``--out``), NaN figures as null; no path: nothing."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1,
+                      default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
+
+
 def rel(a, b):
     """(relative norm error, max abs error) of a against b."""
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm()).item(), (a - b).abs().max().item()
 
 
-def streaming_mask(frac):
-    """KV heads that stream: round(HKV * frac) of them, alternating with retrieval heads (what
+def streaming_mask(frac, hkv=HKV):
+    """KV heads that stream: round(hkv * frac) of them, alternating with retrieval heads (what
     the calibrated patterns look like)."""
-    n = round(HKV * frac)
-    s = torch.zeros(HKV, dtype=torch.bool)
-    s[torch.linspace(0, HKV - 1, n).round().long()] = True if n else False
+    n = round(hkv * frac)
+    s = torch.zeros(hkv, dtype=torch.bool)
+    s[torch.linspace(0, hkv - 1, n).round().long()] = True if n else False
     return s
 
 

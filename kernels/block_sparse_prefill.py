@@ -6,7 +6,9 @@ the key blocks its KV head can see:
 * a dense (retrieval) head: the causal range, bounded by ``kv_start`` (left padding) and by an
   optional ``sliding_window``;
 * a streaming head: the blocks holding its ``sink`` first real keys, then the blocks of its
-  ``local`` band; every other key block is skipped without being loaded.
+  ``local`` band; every other key block is skipped without being loaded;
+* with ``blocks`` (dynamic sparsity, ``kernels/prefill_blocks.py``): a dense head walks only the
+  key blocks listed for its query block; streaming heads keep their sink and band.
 
 Each visited range is split into boundary blocks, where every token is masked exactly, and inner
 blocks, which need no mask. The online softmax is the flash-attention one (base-2 exponentials,
@@ -26,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .launch import check_positive, check_power_of_two, refuse_float64
+from .prefill_blocks import attend_listed, check_blocks, softmax_step
 
 _BIG = tl.constexpr(1 << 30)  # "no limit" for sink / local / sliding_window: larger than any position difference
 
@@ -150,35 +153,32 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, s
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
             p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if UPCAST:
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-        m_i = m_new
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, m_new, m_use, p, v, PREC, UPCAST)
     return acc, l_i, m_i
 
 
 # Arguments that change with the prompt length or the batch: runtime values, not specialised (Triton
 # would otherwise compile a variant per value class, ==1 or %16, and stall a new prompt length).
-# (strides stay specialised: multiples of the head dim at any length, they prove alignment)
+# (strides stay specialised: multiples of the head dim at any length, they prove alignment; not
+# the key-block lists' strides, which follow the number of blocks and address scalar loads only)
 LENGTH_ARGS = {
-    "_block_sparse_prefill_kernel": ["B", "Sq", "Skv", "q_offset"],
+    "_block_sparse_prefill_kernel": ["B", "Sq", "Skv", "q_offset",
+                                     "stride_lb", "stride_lh", "stride_lq", "stride_cb", "stride_ch"],
 }
 
 
 @triton.jit(do_not_specialize=LENGTH_ARGS["_block_sparse_prefill_kernel"])
 def _block_sparse_prefill_kernel(
-        Q, K, V, O, QD, KD, VD, OD, STREAM, KV_START, ORDER,
+        Q, K, V, O, QD, KD, VD, OD, STREAM, KV_START, ORDER, LISTS, COUNTS,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
-        B, G, Sq, Skv, q_offset, sink, local, window, qk_scale,
-        LISTED: tl.constexpr, HAS_START: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HEAD_DIM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+        stride_lb, stride_lh, stride_lq, stride_cb, stride_ch,
+        B, G, Sq, Skv, q_offset, sink, local, window, qk_scale, list_block,
+        LISTED: tl.constexpr, HAS_START: tl.constexpr, HAS_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+        TMA: tl.constexpr):
     # Head-major: one head's query blocks after another (heaviest, latest, first), heads in ORDER
     # (dense heads first): the programs running together walk the same keys, and the short
     # streaming programs fill the tail. On an H200 (2026-11-29, 128K, TMA (128, 128, 8, 3)):
@@ -239,6 +239,8 @@ def _block_sparse_prefill_kernel(
     l_lo = tl.maximum((l_lo_key // BLOCK_N) * BLOCK_N, s_hi)
     l_hi = tl.where(l_nonempty, tl.cdiv(hi_key, BLOCK_N) * BLOCK_N, 0)
     l_hi = tl.maximum(l_hi, l_lo)
+    if HAS_BLOCKS:   # a dense head walks its listed blocks instead (below): no static range
+        l_hi = tl.where(is_stream, l_hi, l_lo)
     l_ilo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(full_lo, q_hi - local_e + 1), BLOCK_N) * BLOCK_N,
                                   l_lo), l_hi)
     l_ihi = tl.maximum(tl.minimum((full_hi // BLOCK_N) * BLOCK_N, l_hi), l_ilo)
@@ -264,6 +266,14 @@ def _block_sparse_prefill_kernel(
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base,
                             stride_kn, stride_kd, stride_vn, stride_vd, KD, VD, b, hk, l_ihi, l_hi, qpos, start, Skv,
                             sink_e, local_e, window, qk_scale, True, BLOCK_N, HEAD_DIM, PREC, UPCAST, TMA)
+    if HAS_BLOCKS:
+        lq = (pid_m * BLOCK_M) // list_block          # BLOCK_M divides list_block (the wrapper)
+        n_list = tl.load(COUNTS + b.to(tl.int64) * stride_cb + hk * stride_ch + lq)
+        n_list = tl.where(is_stream, 0, n_list)
+        lists = LISTS + b.to(tl.int64) * stride_lb + hk.to(tl.int64) * stride_lh + lq.to(tl.int64) * stride_lq
+        acc, l_i, m_i = attend_listed(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
+                                      stride_vd, KD, VD, b, hk, lists, n_list, list_block, full_lo, full_hi,
+                                      qpos, start, Skv, window, qk_scale, BLOCK_N, HEAD_DIM, PREC, UPCAST, TMA)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]   # a query that sees no key gets zeros
     if TMA:   # rows past Sq are clipped by the copy engine
@@ -276,7 +286,7 @@ def _block_sparse_prefill_kernel(
 
 def block_sparse_prefill(q, k, v, streaming, sink, local, q_offset=0, kv_start=None, scale=None,
                          sliding_window=None, out=None, *, plan: PrefillPlan | None = None,
-                         q_heads=None):
+                         q_heads=None, blocks=None):
     """LServe prefill attention in one launch; same result as ``reference.prefill_attention``.
 
     q ``[B, Hq, Sq, D]``; k, v ``[B, Hkv, Skv, D]`` (Hq a multiple of Hkv, KV never repeated;
@@ -288,7 +298,10 @@ def block_sparse_prefill(q, k, v, streaming, sink, local, q_offset=0, kv_start=N
     they do not). ``q_heads``: compute only these query heads of q (int ``[Hkv * G]``, the G
     heads of k's KV head j at ``j*G .. j*G + G-1``) and write only them into ``out``: a prompt
     chunk whose two head kinds keep their keys in different stores runs one call per store
-    without copying q or out."""
+    without copying q or out. ``blocks``: ``(index, count, block)`` key-block lists per KV head of
+    k (``lserve_hf.dynamic_prefill.KeyBlocks``): each dense head's query block of ``block`` rows
+    reads only its ``count`` listed key blocks of ``block`` keys (indices valid, distinct,
+    ascending); streaming heads ignore them. The plan's blocks are capped at ``block``."""
     refuse_float64("block_sparse_prefill", "lserve_hf.reference.prefill_attention", q, k, v)
     B, Hq, Sq, D = q.shape
     Bk, Hkv, Skv, Dk = k.shape
@@ -314,6 +327,12 @@ def block_sparse_prefill(q, k, v, streaming, sink, local, q_offset=0, kv_start=N
         plan = default_prefill_plan(D, tma)
     bm, bn = plan.block_m, plan.block_n
     stream = streaming.to(device=q.device, dtype=torch.int8)
+    if blocks is not None:
+        lists, counts, list_block = check_blocks(blocks, B, Hkv, Sq, q.device)
+        bm, bn = min(bm, list_block), min(bn, list_block)   # a program's rows lie in one list block
+        list_strides = lists.stride()[:3] + counts.stride()[:2]
+    else:
+        lists, counts, list_block, list_strides = stream, stream, 1, (0,) * 5   # unused
     has_start = kv_start is not None
     start = kv_start.to(device=q.device, dtype=torch.int32) if has_start else stream
     window = _BIG.value if sliding_window is None else int(sliding_window)
@@ -330,11 +349,12 @@ def block_sparse_prefill(q, k, v, streaming, sink, local, q_offset=0, kv_start=N
     else:
         descs = (q, k, v, out)   # unused
     _block_sparse_prefill_kernel[(B * n_heads * triton.cdiv(Sq, bm),)](
-        q, k, v, out, *descs, stream, start, order,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, *descs, stream, start, order, lists, counts,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *list_strides,
         B, G, Sq, Skv, int(q_offset), int(sink), int(local), window,
-        scale * 1.4426950408889634,
-        LISTED=q_heads is not None, HAS_START=has_start, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D,
+        scale * 1.4426950408889634, list_block,
+        LISTED=q_heads is not None, HAS_START=has_start, HAS_BLOCKS=blocks is not None, BLOCK_M=bm,
+        BLOCK_N=bn, HEAD_DIM=D,
         PREC=prec, UPCAST=q.device.type == "cpu", TMA=bool(tma),
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     return out

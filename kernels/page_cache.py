@@ -71,9 +71,10 @@ def _policy_key(last, freq, owner, FREQUENCY: tl.constexpr):
 def _lookup_kernel(PAGES, LENGTHS, TABLE, OWNER, LAST, FREQ, CLOCK, STATS, SLOTS, SLOT_LEN,
                    LOAD_PAGE, LOAD_SLOT, N_LOAD, SCRATCH,
                    spb, sph, spg, spk, ssb, ssh, ssg, ssk, stb, sth,
-                   H, G, K, S, NP, page_size,
+                   H, G, K, S, NP, page_size, n_lanes,
                    EP: tl.constexpr, SP: tl.constexpr, FREQUENCY: tl.constexpr):
-    """One (row, KV head): its G x K read-list entries (EP >= G*K lanes) and S slots (SP >= S)."""
+    """One (row, KV head): its G x K read-list entries (EP >= G*K lanes) and S slots (SP >= S);
+    ``n_lanes``: the load list's row length."""
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
@@ -144,7 +145,7 @@ def _lookup_kernel(PAGES, LENGTHS, TABLE, OWNER, LAST, FREQ, CLOCK, STATS, SLOTS
     tab = tl.load(tb + tl.where(reg, p, 0), mask=reg, other=-1).to(tl.int64)
     slot_e = tl.where(is_new, S - 1, tl.where(reg, tab, -1))
     tl.store(SLOTS + b * ssb + h * ssh + g * ssg + kk * ssk, slot_e, mask=in_e)
-    lanes = pid.to(tl.int64) * (E + 2)
+    lanes = pid.to(tl.int64) * n_lanes
     tl.store(LOAD_PAGE + lanes + rank, u.to(tl.int32), mask=miss)
     tl.store(LOAD_SLOT + lanes + rank, victim.to(tl.int32), mask=miss)
     n_miss = tl.sum(miss.to(tl.int32), 0)
@@ -272,7 +273,7 @@ def lookup_pages(cache, pages: torch.Tensor, lengths: torch.Tensor, *, plan: Pag
         pages, lengths, cache.table, cache.owner, cache.last, cache.freq, cache.clock, cache.stats, out,
         cache.slot_lengths, cache.load_page, cache.load_slot, cache.n_load, cache.scratch,
         *pages.stride(), *out.stride(), *cache.table.stride()[:2],
-        H, G, K, cache.slots, cache.n_pages, cache.page_size,
+        H, G, K, cache.slots, cache.n_pages, cache.page_size, cache.load_page.shape[-1],
         EP=EP, SP=SP, FREQUENCY=cache.policy == "frequency", num_warps=plan.num_warps)
     cache.clock.add_(1)
 

@@ -80,20 +80,46 @@ def _sort_key(score, page):
 
 
 @triton.jit(do_not_specialize=LENGTH_ARGS["_score_dot_kernel"])
-def _score_dot_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
+def _score_dot_kernel(Q, KMAX, KMIN, LENGTHS, OUT, NEED,
                       stride_qb, stride_qh, stride_qg, stride_qd,
                       stride_sb, stride_sh, stride_sl, stride_sd,
                       stride_ob, stride_oh, stride_og, stride_op,
                       Hkv, G, P, NL, page_size, logical_page_size,
                       LPP: tl.constexpr, BLOCK_L: tl.constexpr, M: tl.constexpr,
                       HEAD_DIM: tl.constexpr, PACK: tl.constexpr, LAST_INF: tl.constexpr,
-                      IEEE: tl.constexpr, GDC: tl.constexpr):
+                      IEEE: tl.constexpr, GDC: tl.constexpr, HAS_NEED: tl.constexpr):
     """Scores of BLOCK_L logical pages (BLOCK_L // LPP physical ones) of one (row, KV head) for
     all its G query heads at once: two [M, D] x [D, BLOCK_L] tensor-core products, the summaries
     read once per KV head instead of once per query head. PACK: store sort keys, not scores.
-    GDC: launched with PDL (kernels/launch.py)."""
+    GDC: launched with PDL (kernels/launch.py). HAS_NEED: a KV head none of whose query heads is
+    flagged in NEED (int8 ``[B, Hkv, G]``) is skipped: its summaries are not even read."""
     gdc_start(GDC)
     pid_bh = tl.program_id(1)
+    if HAS_NEED:
+        flags = tl.load(NEED + pid_bh * G + tl.arange(0, M), mask=tl.arange(0, M) < G, other=0)
+        if tl.max(flags, 0) != 0:
+            _score_block(Q, KMAX, KMIN, LENGTHS, OUT, pid_bh, stride_qb, stride_qh, stride_qg, stride_qd,
+                         stride_sb, stride_sh, stride_sl, stride_sd, stride_ob, stride_oh, stride_og,
+                         stride_op, Hkv, G, P, NL, page_size, logical_page_size, LPP, BLOCK_L, M,
+                         HEAD_DIM, PACK, LAST_INF, IEEE)
+    else:
+        _score_block(Q, KMAX, KMIN, LENGTHS, OUT, pid_bh, stride_qb, stride_qh, stride_qg, stride_qd,
+                     stride_sb, stride_sh, stride_sl, stride_sd, stride_ob, stride_oh, stride_og, stride_op,
+                     Hkv, G, P, NL, page_size, logical_page_size, LPP, BLOCK_L, M, HEAD_DIM, PACK,
+                     LAST_INF, IEEE)
+    gdc_end(GDC)
+
+
+@triton.jit
+def _score_block(Q, KMAX, KMIN, LENGTHS, OUT, pid_bh,
+                 stride_qb, stride_qh, stride_qg, stride_qd,
+                 stride_sb, stride_sh, stride_sl, stride_sd,
+                 stride_ob, stride_oh, stride_og, stride_op,
+                 Hkv, G, P, NL, page_size, logical_page_size,
+                 LPP: tl.constexpr, BLOCK_L: tl.constexpr, M: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, PACK: tl.constexpr, LAST_INF: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """The scores of one (program's) block of logical pages, see _score_dot_kernel."""
     b = pid_bh // Hkv
     h = pid_bh % Hkv
     length = tl.load(LENGTHS + b).to(tl.int32)
@@ -129,19 +155,33 @@ def _score_dot_kernel(Q, KMAX, KMIN, LENGTHS, OUT,
         tl.store(o_base + o_off, _sort_key(score, page[None, :]), mask=ok)
     else:
         tl.store(o_base + o_off, score, mask=ok)
-    gdc_end(GDC)
 
 
 @triton.jit(do_not_specialize=LENGTH_ARGS["_topk_kernel"])
-def _topk_kernel(KEYS, OUT, n_keys, n_out, P, stride_row_in, stride_row_out,
+def _topk_kernel(KEYS, OUT, NEED, n_keys, n_out, P, stride_row_in, stride_row_out,
                  CHUNK: tl.constexpr, K_KEEP: tl.constexpr, FINAL: tl.constexpr, GDC: tl.constexpr,
-                 PARTIAL: tl.constexpr):
+                 PARTIAL: tl.constexpr, HAS_NEED: tl.constexpr):
     """Sort one chunk of CHUNK keys of one row, descending, and keep the first K_KEEP: as keys
     into the next round, or (FINAL) as page indices; ranks past the P pages get the rank itself.
     PARTIAL: ``tl.topk`` (a bitonic sort that stops merging past K_KEEP) instead of a full sort;
-    the keys are distinct, so both keep the same keys in the same order."""
+    the keys are distinct, so both keep the same keys in the same order. HAS_NEED: a row not
+    flagged in NEED is skipped (its OUT keeps what it held)."""
     gdc_start(GDC)
     row = tl.program_id(1)
+    if HAS_NEED:
+        if tl.load(NEED + row) != 0:
+            _topk_chunk(KEYS, OUT, row, n_keys, n_out, P, stride_row_in, stride_row_out, CHUNK, K_KEEP,
+                        FINAL, PARTIAL)
+    else:
+        _topk_chunk(KEYS, OUT, row, n_keys, n_out, P, stride_row_in, stride_row_out, CHUNK, K_KEEP,
+                    FINAL, PARTIAL)
+    gdc_end(GDC)
+
+
+@triton.jit
+def _topk_chunk(KEYS, OUT, row, n_keys, n_out, P, stride_row_in, stride_row_out,
+                CHUNK: tl.constexpr, K_KEEP: tl.constexpr, FINAL: tl.constexpr, PARTIAL: tl.constexpr):
+    """One program's chunk of _topk_kernel."""
     chunk = tl.program_id(0)
     offs = tl.arange(0, CHUNK)
     idx = chunk * CHUNK + offs
@@ -159,7 +199,64 @@ def _topk_kernel(KEYS, OUT, n_keys, n_out, P, stride_row_in, stride_row_out,
     else:
         tl.store(OUT + row.to(tl.int64) * stride_row_out + chunk * K_KEEP + offs, keys,
                  mask=offs < K_KEEP)
+
+
+@triton.jit
+def _drift_kernel(Q, QREF, LENGTHS, INV_FREQ, NEED, tau, Hkv, G,
+                  stride_qb, stride_qh, stride_qg, stride_qd,
+                  HEAD_DIM: tl.constexpr, REFRESH: tl.constexpr, GDC: tl.constexpr):
+    """One program per query head: its query rotated back from RoPE at its row's position
+    (``lengths - 1``: positions from the row's first real token, an offset both queries of a
+    comparison share) and of unit length; flags the head in NEED when its cosine with QREF
+    (``[rows, D]`` fp32) is under ``tau`` (every head with REFRESH), and keeps the flagged heads'
+    queries in QREF. Rotate-half RoPE: the pairs are (j, j + D/2)."""
+    gdc_start(GDC)
+    row = tl.program_id(0)
+    b = row // (Hkv * G)
+    h = (row // G) % Hkv
+    g = row % G
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs = tl.arange(0, HALF)
+    base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + g * stride_qg
+    q1 = tl.load(base + offs * stride_qd).to(tl.float32)
+    q2 = tl.load(base + (offs + HALF) * stride_qd).to(tl.float32)
+    angle = (tl.load(LENGTHS + b) - 1).to(tl.float32) * tl.load(INV_FREQ + offs)
+    c, s = tl.cos(angle), tl.sin(angle)
+    p1 = q1 * c + q2 * s
+    p2 = q2 * c - q1 * s
+    inv = 1.0 / tl.sqrt(tl.maximum(tl.sum(p1 * p1, 0) + tl.sum(p2 * p2, 0), 1e-30))
+    p1, p2 = p1 * inv, p2 * inv
+    ref = QREF + row.to(tl.int64) * HEAD_DIM
+    if REFRESH:
+        need = True
+    else:
+        need = tl.sum(p1 * tl.load(ref + offs), 0) + tl.sum(p2 * tl.load(ref + HALF + offs), 0) < tau
+    tl.store(NEED + row, need.to(tl.int8))
+    if need:
+        tl.store(ref + offs, p1)
+        tl.store(ref + HALF + offs, p2)
     gdc_end(GDC)
+
+
+def query_drift(q, q_ref, lengths, inv_freq, tau, refresh, need=None, *,
+                plan: SelectPlan | None = None) -> torch.Tensor:
+    """Which query heads of q ``[B, Hkv, G, D]`` drifted: int8 ``[B, Hkv, G]`` (into ``need``),
+    the cosine of their query before RoPE with ``q_ref`` (fp32 ``[B, Hkv, G, D]``, unit
+    vectors, updated in place for the flagged heads) under ``tau``; every head with
+    ``refresh``. Reference: lserve_hf.reference.query_drift."""
+    plan = DEFAULT_SELECT_PLAN if plan is None else plan
+    refuse_float64("query_drift", "lserve_hf.reference.query_drift", q)
+    B, Hkv, G, D = q.shape
+    if need is None:
+        need = torch.empty(B, Hkv, G, dtype=torch.int8, device=q.device)
+    if not q_ref.is_contiguous() or q_ref.dtype != torch.float32 or D % 2:
+        raise ValueError("query_drift takes a contiguous fp32 q_ref and an even head dim")
+    if B * Hkv * G:
+        pdl = pdl_options(q.device, plan.pdl)
+        _drift_kernel[(B * Hkv * G,)](q, q_ref, lengths, inv_freq, need, float(tau), Hkv, G, *q.stride(),
+                                      HEAD_DIM=D, REFRESH=bool(refresh), GDC=gdc_mode(pdl, plan.pdl),
+                                      num_warps=1, **pdl)
+    return need
 
 
 def unsupported(q, page_size, logical_page_size) -> str | None:
@@ -178,7 +275,7 @@ def unsupported(q, page_size, logical_page_size) -> str | None:
     return None
 
 
-def _scores(q, kmax, kmin, lengths, page_size, logical_page_size, pack, last_inf, plan):
+def _scores(q, kmax, kmin, lengths, page_size, logical_page_size, pack, last_inf, plan, need=None):
     refuse_float64("select_pages", _REFERENCE, q, kmax, kmin)
     B, Hkv, G, D = q.shape
     NL = kmax.shape[2]
@@ -199,12 +296,12 @@ def _scores(q, kmax, kmin, lengths, page_size, logical_page_size, pack, last_inf
         pdl = pdl_options(q.device, plan.pdl)
         block_l = max(plan.score_dot_rows, 16, lpp)
         _score_dot_kernel[(triton.cdiv(NL, block_l), B * Hkv)](
-            q, kmax, kmin, lengths.to(device=q.device), out,
+            q, kmax, kmin, lengths.to(device=q.device), out, need if need is not None else out,
             *q.stride(), *kmax.stride(), *out.stride(),
             Hkv, G, P, NL, page_size, logical_page_size,
             LPP=lpp, BLOCK_L=block_l, M=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, PACK=pack,
             LAST_INF=last_inf, IEEE=q.dtype == torch.float32 or q.device.type == "cpu",
-            GDC=gdc_mode(pdl, plan.pdl), num_warps=plan.score_dot_warps, **pdl)
+            GDC=gdc_mode(pdl, plan.pdl), HAS_NEED=need is not None, num_warps=plan.score_dot_warps, **pdl)
     return out
 
 
@@ -217,7 +314,7 @@ def page_scores(q, kmax, kmin, lengths, page_size, logical_page_size, *,
 
 
 def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select, *,
-                 plan: SelectPlan | None = None) -> torch.Tensor:
+                 plan: SelectPlan | None = None, need=None, out=None) -> torch.Tensor:
     """Selected physical pages, int64 ``[B, Hkv, G, n_select]``, equal to
     ``reference.select_pages``: the row's last page first, then the best-scoring pages (ties to
     the lower index), padded with indices past the pool when it has fewer than ``n_select``.
@@ -225,14 +322,21 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select,
     q ``[B, Hkv, G, D]`` (after RoPE; fp16, bf16 or fp32, D a power of two >= 16); kmax, kmin
     ``[B, Hkv, NL, D]``; lengths ``[B]``; a power-of-two number of logical pages per physical
     page (:func:`unsupported` says why not otherwise). ``plan``: launch parameters
-    (:data:`DEFAULT_SELECT_PLAN`)."""
+    (:data:`DEFAULT_SELECT_PLAN`). ``need`` (bool ``[B, Hkv, G]``) with ``out`` (contiguous
+    int64 ``[B, Hkv, G, n_select]``): only the flagged query heads choose, into ``out``; the
+    others keep what it holds, and KV heads with no flagged query head are not scored at all."""
     plan = DEFAULT_SELECT_PLAN if plan is None else plan
     B, Hkv, G, D = q.shape
     n_select = int(n_select)
-    keys = _scores(q, kmax, kmin, lengths, page_size, logical_page_size, True, True, plan)
+    if need is not None:
+        if out is None or not out.is_contiguous() or tuple(out.shape) != (B, Hkv, G, n_select):
+            raise ValueError("select_pages(need=...) writes into out, a contiguous [B, Hkv, G, n_select] tensor")
+        need = need.to(device=q.device, dtype=torch.int8).contiguous()
+    keys = _scores(q, kmax, kmin, lengths, page_size, logical_page_size, True, True, plan, need)
     P = keys.shape[-1]
     rows = B * Hkv * G
-    out = torch.empty(B, Hkv, G, n_select, dtype=torch.int64, device=q.device)
+    if out is None:
+        out = torch.empty(B, Hkv, G, n_select, dtype=torch.int64, device=q.device)
     if rows == 0 or n_select == 0:
         return out
     row = keys.stride(2)                      # the padded row of each query head's keys
@@ -242,19 +346,20 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select,
     # tl.topk of Triton 3.6 cannot keep a single key (its last reduction leaves a scalar)
     k_keep = triton.next_power_of_2(max(n_select, 2 if partial else 1))
     # the same for every round: keys kept per chunk, PDL mode, partial sorting, launch shape
-    kw = dict(K_KEEP=k_keep, GDC=gdc_mode(pdl, plan.pdl), PARTIAL=partial,
+    kw = dict(K_KEEP=k_keep, GDC=gdc_mode(pdl, plan.pdl), PARTIAL=partial, HAS_NEED=need is not None,
               num_warps=plan.sort_warps, **pdl)
+    flags = need if need is not None else keys
     chunk = max(plan.chunk, 2 * k_keep)
     n_chunks = triton.cdiv(P, chunk)
     if n_chunks <= 1:
         # one chunk of at least `chunk` keys whatever the context: one compiled variant up to it
         size = max(triton.next_power_of_2(max(P, n_select, 2)), chunk)
-        _topk_kernel[(1, rows)](keys, out, P, n_select, P, row, n_select, CHUNK=size, FINAL=True, **kw)
+        _topk_kernel[(1, rows)](keys, out, flags, P, n_select, P, row, n_select, CHUNK=size, FINAL=True, **kw)
         return out
     cand = torch.empty(rows, n_chunks * k_keep, dtype=torch.int64, device=q.device)
-    _topk_kernel[(n_chunks, rows)](keys, cand, P, 0, P, row, n_chunks * k_keep, CHUNK=chunk, FINAL=False,
-                                   **kw)
+    _topk_kernel[(n_chunks, rows)](keys, cand, flags, P, 0, P, row, n_chunks * k_keep, CHUNK=chunk,
+                                   FINAL=False, **kw)
     size = triton.next_power_of_2(n_chunks * k_keep)
-    _topk_kernel[(1, rows)](cand, out, n_chunks * k_keep, n_select, P, n_chunks * k_keep, n_select,
+    _topk_kernel[(1, rows)](cand, out, flags, n_chunks * k_keep, n_select, P, n_chunks * k_keep, n_select,
                             CHUNK=size, FINAL=True, **kw)
     return out

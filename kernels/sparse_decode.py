@@ -153,12 +153,15 @@ def _sparse_decode_kernel(
         B, Hs, Hr, G, sink, local, page_size, n_pool_pages, n_slots, qk_scale,
         stream_per_split, slots_per_split, n_split_s, n_split_r,
         BLOCK_T: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, M: tl.constexpr,
-        DIRECT: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr, SLOT_PAD: tl.constexpr):
+        DIRECT: tl.constexpr, IEEE: tl.constexpr, GDC: tl.constexpr, SLOT_PAD: tl.constexpr,
+        NEWEST: tl.constexpr, K_PAD: tl.constexpr):
     """Work items: retrieval (query head, split) pairs first (the long ones), then streaming (KV
     head, split) pairs; each kind has its own split count, so no program is launched for an empty
     split. A retrieval program's query sits in row 0 of its M-row tile (the other rows are zero);
     it loads its SLOT_PAD (>= its split's) page numbers before its loop. DIRECT: one split, the
-    output is written normalised. GDC: launched with PDL (kernels/launch.py) in that mode."""
+    output is written normalised. GDC: launched with PDL (kernels/launch.py) in that mode.
+    NEWEST: the page list holds n_slots - 1 pages and the last slot is the row's newest page,
+    read unless the list already holds it (a reused selection made before that page began)."""
     gdc_start(GDC)
     pid = tl.program_id(0)
     n_rows = B * (Hs + Hr) * G
@@ -222,7 +225,14 @@ def _sparse_decode_kernel(
         # The split's page numbers in registers first: a key load then never waits on a
         # page-number load, so the pipeliner can issue the next pages' loads early.
         slots = lo + tl.arange(0, SLOT_PAD)
-        plist = tl.load(pg + slots * spg_k, mask=slots < hi, other=-1)
+        n_listed = n_slots - 1 if NEWEST else n_slots
+        plist = tl.load(pg + slots * spg_k, mask=slots < tl.minimum(hi, n_listed), other=-1)
+        if NEWEST:
+            newest = (length - 1) // page_size
+            offs_k = tl.arange(0, K_PAD)
+            listed = tl.load(pg + offs_k * spg_k, mask=offs_k < n_listed, other=-1)
+            held = tl.sum((listed == newest).to(tl.int32), 0) > 0
+            plist = tl.where(slots == n_listed, tl.where(held, -1, newest), plist)
         within = offs_t % PAGE_PAD
         for s0 in range(lo, hi, BLOCK_T // PAGE_PAD):
             page = _slot_pages(plist, slots, s0 + offs_t // PAGE_PAD, hi)
@@ -302,7 +312,7 @@ def _split_plan(plan: DecodePlan, rows_r, stream_tokens, n_slots, page_size, blo
 
 def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k, pool_v, pages,
                         lengths, sink, local, page_size, scale, out_stream=None, out_retr=None,
-                        *, plan: DecodePlan | None = None):
+                        *, plan: DecodePlan | None = None, newest_page: bool = False):
     """Decode attention of streaming and retrieval heads in one launch (+ a merge launch).
 
     q_stream ``[B, Hs, G, D]``; sink_k/v ``[B, Hs, sink, D]``; ring_k/v ``[B, Hs, local, D]``;
@@ -310,7 +320,9 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
     ``[B, Hr, G, K]`` (-1 or >= T // page_size: empty slot); lengths ``[B]`` (the current token
     counted). Hs or Hr may be 0; D a power of two >= 16; fp16, bf16 or fp32 tensors. Returns
     ``(out_stream, out_retr)`` in the queries' dtypes, written into ``out_stream`` /
-    ``out_retr`` when given. ``plan``: launch parameters (:data:`DEFAULT_DECODE_PLAN`)."""
+    ``out_retr`` when given. ``plan``: launch parameters (:data:`DEFAULT_DECODE_PLAN`).
+    ``newest_page``: each retrieval query head also reads its row's newest page unless ``pages``
+    holds it (``reference.with_newest_page``), so the caller passes a selection as it is."""
     plan = DEFAULT_DECODE_PLAN if plan is None else plan
     refuse_float64("sparse_paged_decode",
                    "lserve_hf.reference.streaming_decode / lserve_hf.reference.paged_decode",
@@ -337,7 +349,7 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
         raise ValueError(f"sink/ring buffers hold {sink_k.shape[2]}/{ring_k.shape[2]} slots, "
                          f"more than sink={sink} and local={local}")
     T = pool_k.shape[2] if Hr else 0
-    n_slots = pages.shape[3] if Hr else 0
+    n_slots = pages.shape[3] + bool(newest_page) if Hr else 0
     stream_tokens = (sink + local) if Hs else 0
 
     page_pad = triton.next_power_of_2(page_size)
@@ -381,7 +393,8 @@ def sparse_paged_decode(q_stream, sink_k, sink_v, ring_k, ring_v, q_retr, pool_k
         float(scale) * 1.4426950408889634, sps, slps, ns, nr,
         BLOCK_T=block_t, PAGE_PAD=page_pad, HEAD_DIM=D, M=max(16, triton.next_power_of_2(G)),
         DIRECT=direct, IEEE=any_q.dtype == torch.float32 or any_q.device.type == "cpu",
-        GDC=gdc, SLOT_PAD=triton.next_power_of_2(max(slps, 1)),
+        GDC=gdc, SLOT_PAD=triton.next_power_of_2(max(slps, 1)), NEWEST=bool(newest_page) and Hr > 0,
+        K_PAD=triton.next_power_of_2(max(n_slots - bool(newest_page), 1)),
         num_warps=plan.num_warps, num_stages=num_stages, **pdl)
     if not direct:
         _combine_kernel[(rows,)](

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import ops, reference
+from .dynamic_prefill import prefill_blocks
 from .masks import PromptMask, general_prefill
 from .streaming import ring_tokens, streaming_decode_slots
 
@@ -83,8 +84,9 @@ def _prefill(query, key, value, mask, plan, cfg, scale, window, dropout):
             ops.say_once(f"LServe: a prompt with {mask.why} runs the torch path, densely masked.")
         return general_prefill(query, key, value, streaming, cfg.prefill_sink, cfg.prefill_local, q_offset,
                                mask, scale, window, dropout, cfg.prefill_query_block)
+    blocks = prefill_blocks(query, key, cfg, plan, q_offset, mask.kv_start, scale, window)
     return ops.prefill(query, key, value, streaming, cfg.prefill_sink, cfg.prefill_local, q_offset,
-                       mask.kv_start, scale, window, cfg)
+                       mask.kv_start, scale, window, cfg, blocks=blocks, memo=mask.memo)
 
 
 def _chunk_prefill(query, layer, cache, fwd, mask, plan, cfg, scale, window):
@@ -100,8 +102,11 @@ def _chunk_prefill(query, layer, cache, fwd, mask, plan, cfg, scale, window):
                                    (True, q_stream, layer.prompt_k, layer.prompt_v)):
         if q_heads.numel():
             kinds = torch.full((k.shape[1],), streams, device=query.device)
+            blocks = None if streams else prefill_blocks(query, k[:, :, :T], cfg, plan, T - S, mask.kv_start,
+                                                         scale, window, q_heads)
             ops.prefill(query, k[:, :, :T], v[:, :, :T], kinds, cfg.prefill_sink, cfg.prefill_local, T - S,
-                        mask.kv_start, scale, window, cfg, out=out, q_heads=q_heads)
+                        mask.kv_start, scale, window, cfg, out=out, q_heads=q_heads, blocks=blocks,
+                        memo=mask.memo)
     return out
 
 
@@ -154,6 +159,7 @@ def decode_weights(q_s, q_r, layer, cache, pages, fwd, cfg, scale, window):
     if Hr:
         pool = layer.pool
         P = pool.capacity // cfg.page_size
+        pages = reference.with_newest_page(pages, lengths, cfg.page_size)
         idx = pages.clamp(0, P - 1)
         tok = idx.unsqueeze(-1) * cfg.page_size + torch.arange(cfg.page_size, device=q_r.device)
         valid = ((pages >= 0) & (pages < P)).unsqueeze(-1) & (tok < lengths.view(B, 1, 1, 1, 1))

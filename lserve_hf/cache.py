@@ -44,7 +44,7 @@ class LServeLayer(CacheLayerMixin):
         self.streaming = StreamingStore(cfg.decode_sink, cfg.decode_local)
         # offload="host": retrieval pages in host memory, a GPU page cache (dense layers read every page)
         self.pool = (HostPagePool if cfg.offload and not plan.dense and plan.n_retrieval else PagePool)(cfg)
-        self.selector = PageSelector(cfg, plan.dense)
+        self.selector = PageSelector(cfg, plan.dense, plan.rope_inv_freq)
         self.prompt_k = self.prompt_v = None   # streaming heads' prompt while it comes in chunks
         self.epoch = 0
 
@@ -195,7 +195,7 @@ class LServeCache(Cache):
         super().__init__(layers=[LServeLayer(p) for p in plans])
         self.max_length = max_length
         self.patch_token = patch_token     # the patch_model call this cache was made for
-        self.step = DecodeStep(self.config.selector_interval)
+        self.step = DecodeStep(self.config.refresh_interval)
         self._lengths = {}        # device -> int64 [B]: real tokens stored per row
         self.kv_start = None      # [B] each row's left padding in the prompt
         self.padded = False       # host: some row of the prompt is left-padded

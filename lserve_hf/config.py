@@ -39,8 +39,20 @@ class LServeConfig:
             is attended densely. A multiple of ``page_size``. None (default): the published 4096,
             scaled down for short-context models (a sixteenth of ``max_position_embeddings``, at
             least 4 pages); ``patch_model`` logs the value it chose.
-        selector_interval: decode steps a page selection is reused for (default 4); the newest
-            page is attended at every step regardless.
+        selector: how a page selection is kept between decode steps. "drift" (default): each
+            retrieval query head keeps its selection while its query stays close to the query
+            that made it (cosine of the two queries taken before RoPE, so that the position step
+            does not count, at least ``selector_drift``), and chooses its pages afresh as soon as
+            it drifts; every head chooses afresh every ``selector_max_age`` steps. On real prose
+            this keeps the answers of a fresh selection at every step while choosing afresh in
+            about a quarter of the head-steps (EVAL.md). "reuse": LServe's rule, every head
+            reuses the selection for ``selector_interval`` steps (it loses answers on real prose:
+            the query right after the prompt often looks elsewhere than the next ones).
+        selector_drift: the cosine under which a query head chooses its pages afresh (default
+            0.8; 1 re-selects at every step).
+        selector_max_age: the most steps a "drift" selection is kept (default 16).
+        selector_interval: decode steps a selection is reused for with ``selector="reuse"``
+            (default 4, LServe's); the newest page is attended at every step regardless.
         dense_layers: layer indices kept fully dense (no streaming heads, no page selection).
             Quest keeps layers 0 and 1 dense; LServe exempts none by default.
 
@@ -54,6 +66,21 @@ class LServeConfig:
         cuda_graphs: on CUDA, replay each decode step of the whole decoder as a CUDA graph (two
             graphs: a step that selects pages and a step that reuses them). Removes the Python and
             launch overhead that otherwise dominates time per token. Ignored on CPU.
+
+    Dynamic block-sparse prefill (retrieval heads; MInference / FlexPrefill / XAttention style):
+        prefill_dynamic: estimate, per retrieval KV head and query block, which key blocks hold
+            the attention mass, and attend only to those at prefill (``lserve_hf.dynamic_prefill``).
+            Off by default until its accuracy is shown. Dense layers (``dense_layers``) and
+            prompts of at most a few blocks stay dense.
+        dynamic_mass: estimated attention mass (cumulative, in (0, 1]) that the kept key blocks of
+            a query block must hold (default 0.95). The first key block (attention sinks) and the
+            diagonal band (the query block's own key blocks and the one before) are always kept.
+        dynamic_min_density / dynamic_max_density: bounds (in [0, 1]) on the fraction of a query
+            block's causal key blocks that is kept (defaults 0.05 / 1.0); the sink and diagonal
+            blocks are kept even above the maximum.
+        dynamic_block: queries and keys per block of the estimate and of the key-block lists
+            (default 128; a power of two >= 16). The kernel walks a listed block in its own key
+            steps.
 
     Offload (SparseServe's hierarchical KV memory, ``lserve_hf.offload``):
         offload: None (default: every page in GPU memory) or "host": the retrieval heads' pages live
@@ -78,12 +105,20 @@ class LServeConfig:
     page_size: int = 64
     logical_page_size: int = 16
     token_budget: int | None = None
+    selector: str = "drift"
+    selector_drift: float = 0.8
+    selector_max_age: int = 16
     selector_interval: int = 4
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     backend: str = "auto"
     prefill_query_block: int = 1024
     prefill_chunk_size: int | None = 16384
     cuda_graphs: bool = True
+    prefill_dynamic: bool = False
+    dynamic_mass: float = 0.95
+    dynamic_min_density: float = 0.05
+    dynamic_max_density: float = 1.0
+    dynamic_block: int = 128
     offload: str | None = None
     hbm_pages: int | None = None
     offload_policy: str = "lru"
@@ -107,7 +142,7 @@ class LServeConfig:
                 "KV heads that stream; use e.g. 0.5 (half the heads) or 0 (no streaming heads).")
         for name, low in (("prefill_sink", 0), ("decode_sink", 0), ("prefill_local", 1),
                           ("decode_local", 1), ("page_size", 1), ("logical_page_size", 1),
-                          ("selector_interval", 1), ("prefill_query_block", 1),
+                          ("selector_interval", 1), ("selector_max_age", 1), ("prefill_query_block", 1),
                           ("token_budget", 1), ("prefill_chunk_size", 1)):
             value = getattr(self, name)
             if value is None and name in ("prefill_local", "token_budget", "prefill_chunk_size"):
@@ -128,10 +163,16 @@ class LServeConfig:
                             "e.g. dense_layers=(0, 1).")
         layers = tuple(_integer("dense_layers", i, 0) for i in self.dense_layers)
         set_(self, "dense_layers", layers)
+        if self.selector not in ("drift", "reuse"):
+            raise ValueError(f"selector={self.selector!r} is not one of 'drift' (default) or 'reuse' (LServe's).")
+        set_(self, "selector_drift", _number("selector_drift", self.selector_drift))
+        if not -1.0 <= self.selector_drift <= 1.0:
+            raise ValueError(f"selector_drift={self.selector_drift} is a cosine: choose it in [-1, 1] (e.g. 0.8).")
         if not isinstance(self.backend, str) or self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend={self.backend!r} is not one of 'auto', 'triton', 'torch'.")
         if not isinstance(self.cuda_graphs, bool):
             raise TypeError(f"cuda_graphs={self.cuda_graphs!r} must be True or False.")
+        self._check_dynamic()
         if self.offload not in (None, "host"):
             raise ValueError(f"offload={self.offload!r} is not None or 'host'.")
         if self.hbm_pages is not None:
@@ -140,8 +181,31 @@ class LServeConfig:
             raise ValueError(f"offload_policy={self.offload_policy!r} is not one of 'lru', 'frequency'.")
         set_(self, "_validated", True)
 
+    def _check_dynamic(self):
+        if not isinstance(self.prefill_dynamic, bool):
+            raise TypeError(f"prefill_dynamic={self.prefill_dynamic!r} must be True or False.")
+        for name in ("dynamic_mass", "dynamic_min_density", "dynamic_max_density"):
+            object.__setattr__(self, name, _number(name, getattr(self, name)))
+        if not 0.0 < self.dynamic_mass <= 1.0:
+            raise ValueError(f"dynamic_mass={self.dynamic_mass} is outside (0, 1]: it is the share of the "
+                             "estimated attention mass the kept key blocks hold; use e.g. 0.95.")
+        lo, hi = self.dynamic_min_density, self.dynamic_max_density
+        if not 0.0 <= lo <= hi <= 1.0 or hi == 0.0:
+            raise ValueError(f"dynamic_min_density={lo} and dynamic_max_density={hi} must satisfy "
+                             "0 <= min <= max <= 1 with max > 0 (fractions of the causal key blocks kept).")
+        block = _integer("dynamic_block", self.dynamic_block, 1)
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"dynamic_block={block} must be a power of two >= 16 (the kernel's "
+                             "query and key blocks divide it); use e.g. 128.")
+        object.__setattr__(self, "dynamic_block", block)
+
     def __hash__(self):
         return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+    @property
+    def refresh_interval(self) -> int:
+        """Decode steps between two selections of every head from scratch."""
+        return self.selector_max_age if self.selector == "drift" else self.selector_interval
 
     @property
     def logical_per_page(self) -> int:

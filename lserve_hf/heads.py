@@ -190,6 +190,7 @@ class LayerPlan:
     streaming: torch.Tensor  # bool [Hkv]
     dense: bool              # a dense layer: no streaming heads and no page selection
     config: object = None    # the LServeConfig this layer runs (one object for the whole model)
+    rope_inv_freq: torch.Tensor | None = None  # the model's RoPE frequencies (queries before RoPE)
     _on_device: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -222,6 +223,11 @@ class LayerPlan:
             return tuple((h[:, None] * group + offs).flatten() for h in self.heads(device))
         return self._cached(("query_heads", str(device), group), make)
 
+    def inv_freq_on(self, device) -> torch.Tensor | None:
+        if self.rope_inv_freq is None:
+            return None
+        return self._cached(("rope", str(device)), lambda: self.rope_inv_freq.float().to(device))
+
     def _mixed(self) -> bool:
         return 0 < self.n_stream < self.streaming.numel()
 
@@ -240,6 +246,7 @@ class LayerPlan:
         return x.index_select(dim, inv)
 
 
-def layer_plans(streaming: torch.Tensor, config) -> list[LayerPlan]:
+def layer_plans(streaming: torch.Tensor, config, rope_inv_freq=None) -> list[LayerPlan]:
     dense = set(config.dense_layers)
-    return [LayerPlan(i, streaming[i].clone(), i in dense, config) for i in range(streaming.shape[0])]
+    rope = None if rope_inv_freq is None else rope_inv_freq.detach().float().cpu()
+    return [LayerPlan(i, streaming[i].clone(), i in dense, config, rope) for i in range(streaming.shape[0])]

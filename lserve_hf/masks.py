@@ -11,7 +11,7 @@ streaming head sees the first ``sink`` keys its query may see and the ``local`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,8 @@ class PromptMask:
     segments: torch.Tensor | None = None
     custom: torch.Tensor | None = None
     why: str = ""
+    # masks of this forward's query blocks, made by the first layer and reused by the others
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def general(self) -> bool:

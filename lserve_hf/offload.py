@@ -69,12 +69,12 @@ def _side_stream(device) -> torch.cuda.Stream:
 def page_cache_slots(config, group: int, columns: int) -> int:
     """Slots of the page cache per (row, retrieval KV head): ``hbm_pages`` (None: 2x
     ``pages_per_selection``), at least what one step can read: each of the ``group`` query heads
-    of a KV head reads ``columns - 1`` selected pages plus the newest, which has its own slot."""
-    floor = group * (columns - 1) + 1
+    of a KV head reads the ``columns`` pages of its read list, and the newest, in a slot of its own."""
+    floor = group * columns + 1
     want = config.hbm_pages or 2 * config.pages_per_selection
     if config.hbm_pages is not None and config.hbm_pages < floor:
         ops.say_once(f"LServe offload: hbm_pages={config.hbm_pages} is fewer than one decode step can read "
-                     f"({group} query heads x {columns - 1} pages + the newest); the page cache holds {floor}.")
+                     f"({group} query heads x {columns} pages + the newest); the page cache holds {floor}.")
     return max(want, floor)
 
 
@@ -327,7 +327,7 @@ def max_batch_size(model, context: int, memory_bytes: int, new_tokens: int = 0, 
     elt = next(model.parameters()).element_size()
     tokens = context + new_tokens
     cap = round_up(max(tokens, 1), cfg.page_size)
-    K = cfg.pages_per_selection + 1
+    K = cfg.pages_per_selection          # the read list of a query head (the newest page besides)
     slots = page_cache_slots(cfg, G, K)
     per_head = 2 * cap * D * elt
     summaries = 2 * (cap // cfg.logical_page_size) * D * elt if tokens > cfg.token_budget else 0

@@ -70,22 +70,24 @@ def _supported(cfg, op: str, x: torch.Tensor, head_dims=None, why: str | None = 
 
 
 def prefill(q, k, v, streaming, sink, local, q_offset, kv_start, scale, sliding_window, cfg,
-            out=None, q_heads=None):
+            out=None, q_heads=None, memo=None, blocks=None):
     """Block-sparse prefill of q ``[B, Hq, S, D]`` against k, v ``[B, Hkv, N, D]``; with
-    ``q_heads`` only those query heads of q (G per KV head of k) are computed, into ``out``."""
+    ``q_heads`` only those query heads of q (G per KV head of k) are computed, into ``out``.
+    ``memo``: the forward's mask memo (``PromptMask.memo``) for the torch path; ``blocks``:
+    key-block lists of the dense heads (``dynamic_prefill.KeyBlocks``)."""
     kernels = _kernels_for(cfg, q)
     if kernels is not None and _supported(cfg, "prefill", q, head_dims=(64, 128)):
         return kernels.block_sparse_prefill(q, k, v, streaming, sink, local, q_offset, kv_start, scale,
-                                            sliding_window, out=out, q_heads=q_heads)
+                                            sliding_window, out=out, q_heads=q_heads, blocks=blocks)
     if q_heads is None:
         o = reference.prefill_attention(q, k, v, streaming, sink, local, q_offset, kv_start, scale,
-                                        sliding_window, cfg.prefill_query_block)
+                                        sliding_window, cfg.prefill_query_block, memo, blocks)
         if out is None:
             return o
         out.copy_(o)
         return out
     o = reference.prefill_attention(q.index_select(1, q_heads), k, v, streaming, sink, local, q_offset,
-                                    kv_start, scale, sliding_window, cfg.prefill_query_block)
+                                    kv_start, scale, sliding_window, cfg.prefill_query_block, memo, blocks)
     out[:, q_heads] = o
     return out
 
@@ -106,25 +108,45 @@ def update_summaries(kmax, kmin, new_k, positions, cfg) -> None:
     reference.update_page_summaries(kmax, kmin, new_k, positions, cfg.logical_page_size)
 
 
-def select_pages(q, kmax, kmin, lengths, n_select, cfg) -> torch.Tensor:
-    """Pages per retrieval query head, ``[B, Hr, G, n_select]`` (``reference.select_pages``)."""
+def select_pages(q, kmax, kmin, lengths, n_select, cfg, need=None, out=None) -> torch.Tensor:
+    """Pages per retrieval query head, ``[B, Hr, G, n_select]`` (``reference.select_pages``).
+    With ``need`` (bool ``[B, Hr, G]``) only those query heads choose, into ``out``; the others
+    keep what ``out`` holds (the kernels skip their work)."""
     kernels = _kernels_for(cfg, q)
     if kernels is not None:
         from .kernels.page_selector import unsupported
 
         why = unsupported(q, cfg.page_size, cfg.logical_page_size) if q.dtype != torch.float64 else None
         if _supported(cfg, "page selection", q, why=why):
-            return kernels.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select)
-    return reference.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select)
+            if need is not None and out is None:
+                raise ValueError("select_pages(need=...) writes into out")
+            return kernels.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select,
+                                        need=need, out=out)
+    fresh = reference.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select)
+    if out is None:
+        return fresh
+    out.copy_(fresh if need is None else torch.where(need.unsqueeze(-1).bool(), fresh, out))
+    return out
+
+
+def query_drift(q, q_ref, lengths, inv_freq, tau, refresh, cfg) -> torch.Tensor:
+    """Which query heads drifted from the query that chose their pages (``reference.query_drift``);
+    ``q_ref`` keeps the flagged heads' new queries."""
+    kernels = _kernels_for(cfg, q)
+    if kernels is not None and q.dtype != torch.float64:
+        return kernels.query_drift(q, q_ref, lengths, inv_freq, tau, refresh)
+    return reference.query_drift(q, q_ref, lengths, inv_freq, tau, refresh)
 
 
 def decode(q_s, sink_k, sink_v, ring_k, ring_v, q_r, pool_k, pool_v, pages, lengths, cfg, scale,
            out_s, out_r, window=None, longest=0, located=None) -> None:
-    """Decode attention of streaming heads (sink + ring) and retrieval heads (their pages), into
-    ``out_s`` ``[B, Hs, G, D]`` and ``out_r`` ``[B, Hr, G, D]``. ``longest``: the host's longest
+    """Decode attention of streaming heads (sink + ring) and retrieval heads (the ``pages`` of
+    their selection, and the row's newest page), into ``out_s`` ``[B, Hs, G, D]`` and ``out_r``
+    ``[B, Hr, G, D]``. ``longest``: the host's longest
     row, to know whether Mistral's ``window`` can hide a token (the kernel has no window).
     ``located``: (slot lengths, physical pages) when ``pool_k``/``pool_v`` are an offloaded
-    pool's page cache and ``pages`` its slots (``HostPagePool.decode_view``)."""
+    pool's page cache and ``pages`` its slots (``HostPagePool.decode_view``): the newest page is
+    then the last slot, which the slot lengths end in."""
     q = q_s if q_s.shape[1] else q_r
     kernels = _kernels_for(cfg, q)
     if kernels is not None and window is not None and longest > window:
@@ -138,11 +160,14 @@ def decode(q_s, sink_k, sink_v, ring_k, ring_v, q_r, pool_k, pool_v, pages, leng
         for qs, qr, pg, n in parts:
             kernels.sparse_paged_decode(qs, sink_k, sink_v, ring_k, ring_v, qr, pool_k, pool_v, pg, n,
                                         cfg.decode_sink, cfg.decode_local, cfg.page_size, scale,
-                                        out_stream=out_s, out_retr=out_r)
+                                        out_stream=out_s, out_retr=out_r, newest_page=True)
         return
     if q_s.shape[1]:
         out_s.copy_(reference.streaming_decode(q_s, sink_k, sink_v, ring_k, ring_v, lengths, cfg.decode_sink,
                                                cfg.decode_local, scale, window))
     if q_r.shape[1]:
-        out_r.copy_(reference.paged_decode(q_r, pool_k, pool_v, pages, lengths, cfg.page_size, scale, window,
-                                           None if located is None else located[1]))
+        at = None
+        if located is not None:   # the same column added to the slots (by slot lengths) and the pages
+            at = reference.with_newest_page(located[1], lengths, cfg.page_size)
+        pages = reference.with_newest_page(pages, lengths if located is None else located[0], cfg.page_size)
+        out_r.copy_(reference.paged_decode(q_r, pool_k, pool_v, pages, lengths, cfg.page_size, scale, window, at))

@@ -20,8 +20,9 @@ scatter needs a host-side mask.
   stays cached, no host read) and claims the last slot for the new page.
 
 Decode reads the cache with the slot ids and ``slot_lengths = (slots - 1) * page_size + tokens
-of the newest page``: slots below the last are then full pages and the last slot holds exactly
-the newest page's tokens, so the decode kernel needs no change.
+of the newest page``: slots below the last are then full pages, the last slot holds exactly the
+newest page's tokens, and the newest page the decode reads besides its list (the page the lengths
+end in) is the last slot. So the decode kernel needs no change.
 """
 
 from __future__ import annotations
@@ -167,10 +168,11 @@ class PageCache:
         tab = self.table.gather(-1, p.clamp(0, max(NP - 1, 0))).long()
         out.copy_(torch.where(is_new, S - 1, torch.where(reg, tab, -1)).view(B, H, G, K))
         n_miss = miss.sum(-1)
-        lane = torch.where(miss, rank, G * K + 1)
+        spare_lane = self.load_page.shape[-1] - 1
+        lane = torch.where(miss, rank, spare_lane)
         self.load_page.scatter_(-1, lane, u.int())
         self.load_slot.scatter_(-1, lane, victim.int())
-        lane_new = torch.where(need, n_miss, G * K + 1).unsqueeze(-1)
+        lane_new = torch.where(need, n_miss, spare_lane).unsqueeze(-1)
         self.load_page.scatter_(-1, lane_new, nw.unsqueeze(-1).int())
         self.load_slot.scatter_(-1, lane_new, torch.full_like(lane_new, S - 1, dtype=torch.int32))
         self.n_load.copy_(n_miss + need)

@@ -96,7 +96,7 @@ def patch_model(model, config: LServeConfig | None = None, head_pattern=None):
     # Everything that can fail is resolved before the model is touched.
     config = _resolved(config, model.config)
     streaming = model_streaming_heads(model.config, config.streaming_sparsity, config.dense_layers, head_pattern)
-    plans = layer_plans(streaming, config)
+    plans = layer_plans(streaming, config, getattr(getattr(base, "rotary_emb", None), "inv_freq", None))
     if old is not None:
         unpatch_model(model)
     previous = model.config._attn_implementation

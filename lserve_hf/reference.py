@@ -75,14 +75,59 @@ def _reachable_keys(q_lo: int, q_hi: int, n_keys: int, streams: bool, sink: int,
     return torch.cat([torch.arange(lo, max(lo, sink_hi)), torch.arange(band_lo, hi)])
 
 
+def _listed_attention(q, k, v, index, count, block, q_offset, kv_start, scale, sliding_window, query_block):
+    """Dense heads over their listed key blocks only: q ``[B, H, G, S, D]``, k, v ``[B, H, N, D]``,
+    ``index`` / ``count`` the heads' lists (``dynamic_prefill.KeyBlocks``). Query blocks go a few at
+    a time (``query_block`` rows); each gathers its heads' listed blocks (as many as the longest
+    list among them) and attends with the exact token mask. Returns ``[B, H, G, S, D]``."""
+    B, H, G, S, D = q.shape
+    N = k.shape[2]
+    dev = q.device
+    out = torch.empty_like(q)
+    index, count = index.to(dev).long(), count.to(dev).long()
+    per = max(1, query_block // block)
+    bi, hi = torch.arange(B, device=dev).view(B, 1, 1), torch.arange(H, device=dev).view(1, H, 1)
+    start = kv_start.view(B, 1, 1, 1, 1) if kv_start is not None else 0
+    for i0 in range(0, index.shape[2], per):
+        i1 = min(index.shape[2], i0 + per)
+        s0, s1, m = i0 * block, min(S, i1 * block), i1 - i0
+        L = int(count[:, :, i0:i1].max()) if count.numel() else 0   # the CPU path: a host sync is fine
+        if L == 0:
+            out[:, :, :, s0:s1] = 0
+            continue
+        listed = torch.arange(L, device=dev) < count[:, :, i0:i1, None]                # [B, H, m, L]
+        tok = index[:, :, i0:i1, :L].clamp_min(0).unsqueeze(-1) * block + torch.arange(block, device=dev)
+        ok = (listed.unsqueeze(-1) & (tok < N)).flatten(3)                              # [B, H, m, L*block]
+        tok = tok.clamp(max=N - 1).flatten(2)
+        kb, vb = k[bi, hi, tok].view(B * H * m, 1, -1, D), v[bi, hi, tok].view(B * H * m, 1, -1, D)
+        kp = tok.view(B, H, m, 1, -1)
+        qp = (q_offset + s0 + torch.arange(m * block, device=dev)).view(1, 1, m, block, 1)
+        mask = ok.unsqueeze(3) & (kp <= qp) & (kp >= start)                             # [B, H, m, block, keys]
+        if sliding_window is not None:
+            mask = mask & (qp - kp < sliding_window)
+        qb = F.pad(q[:, :, :, s0:s1], (0, 0, 0, m * block - (s1 - s0)))
+        qb = qb.view(B, H, G, m, block, D).transpose(2, 3).reshape(B * H * m, G, block, D)
+        mask = mask.view(B * H * m, 1, block, -1)
+        seen = mask.any(-1, keepdim=True)
+        o = torch.where(seen, sdpa(qb, kb, vb, mask | ~seen, scale), 0.0)
+        o = o.view(B, H, m, G, block, D).transpose(2, 3).reshape(B, H, G, m * block, D)
+        out[:, :, :, s0:s1] = o[:, :, :, :s1 - s0]
+    return out
+
+
 def prefill_attention(q, k, v, streaming, sink, local, q_offset=0, kv_start=None, scale=None,
-                      sliding_window=None, query_block=1024) -> torch.Tensor:
+                      sliding_window=None, query_block=1024, memo: dict | None = None,
+                      blocks=None) -> torch.Tensor:
     """Block-sparse prefill attention.
 
     q ``[B, Hq, Sq, D]``; k, v ``[B, Hkv, Skv, D]``; ``streaming`` bool ``[Hkv]``; query i sits at
     position ``q_offset + i``. Returns ``[B, Hq, Sq, D]`` in q's dtype; a query that sees no key
     (padding) gets zeros. Dense heads with no padding, offset or window are one causal SDPA call;
-    otherwise queries go in blocks of ``query_block``, each against the keys it can reach."""
+    otherwise queries go in blocks of ``query_block``, each against the keys it can reach, the G
+    query heads of a KV head stacked along the queries (one mask, no repeated keys). ``memo``:
+    a dict kept for one forward, in which the block masks (the same for every layer) are made
+    once. ``blocks`` (``dynamic_prefill.KeyBlocks``, lists per KV head of k): each dense head's
+    query block reads only its listed key blocks, under the same token mask."""
     B, Hq, S, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -99,26 +144,45 @@ def prefill_attention(q, k, v, streaming, sink, local, q_offset=0, kv_start=None
             continue
         qh = qg.index_select(1, heads).flatten(1, 2)
         kh, vh = k.index_select(1, heads), v.index_select(1, heads)
+        if not streams and blocks is not None:
+            o = _listed_attention(qh.view(B, -1, G, S, D), kh, vh, blocks.index.index_select(1, heads),
+                                  blocks.count.index_select(1, heads), blocks.block, q_offset, kv_start,
+                                  scale, sliding_window, query_block)
+            out[:, heads] = o
+            continue
         if not streams and kv_start is None and sliding_window is None and q_offset == 0 and S == N:
             o = sdpa(qh, kh, vh, scale=scale, is_causal=True)
             out[:, heads] = o.view(B, heads.numel(), G, S, D)
             continue
+        n = heads.numel()
+        qk = qg.index_select(1, heads)                                      # [B, n, G, S, D]
         for s0 in range(0, S, query_block):
             s1 = min(S, s0 + query_block)
             keys = _reachable_keys(q_offset + s0, q_offset + s1 - 1, N, streams, sink, local, start_max,
                                    sliding_window)
             if isinstance(keys, slice):
-                k_pos = torch.arange(keys.start, keys.stop, device=q.device)
                 kb, vb = kh[:, :, keys], vh[:, :, keys]
             else:
-                k_pos = keys.to(q.device)
-                kb, vb = kh.index_select(2, k_pos), vh.index_select(2, k_pos)
-            q_pos = torch.arange(q_offset + s0, q_offset + s1, device=q.device)
-            mask = prefill_mask(q_pos, k_pos, streams, sink, local, kv_start, sliding_window)
-            seen = mask.any(-1, keepdim=True)
-            o = sdpa(qh[:, :, s0:s1], kb, vb, mask | ~seen, scale)
-            o = torch.where(seen, o, 0.0)
-            out[:, heads, :, s0:s1] = o.view(B, heads.numel(), G, s1 - s0, D)
+                kb, vb = kh.index_select(2, keys.to(q.device)), vh.index_select(2, keys.to(q.device))
+            key = (streams, s0, s1, N, q_offset, sink, local, sliding_window)
+            if memo is None or key not in memo:
+                k_pos = (torch.arange(keys.start, keys.stop, device=q.device) if isinstance(keys, slice)
+                         else keys.to(q.device))
+                q_pos = torch.arange(q_offset + s0, q_offset + s1, device=q.device)
+                mask = prefill_mask(q_pos, k_pos, streams, sink, local, kv_start, sliding_window)
+                seen = mask.any(-1, keepdim=True)
+                # the G query heads stacked along the queries: [B|1, 1, G * block, keys]
+                entry = ((mask | ~seen).repeat(1, 1, G, 1), seen.repeat(1, 1, G, 1))
+                if memo is None:
+                    mask_g, seen_g = entry
+                else:
+                    memo[key] = entry
+            if memo is not None:
+                mask_g, seen_g = memo[key]
+            qb = qk[:, :, :, s0:s1].reshape(B, n, G * (s1 - s0), D)
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask_g, scale=scale)
+            o = torch.where(seen_g, o, 0.0)
+            out[:, heads, :, s0:s1] = o.view(B, n, G, s1 - s0, D)
     return out.view(B, Hq, S, D)
 
 
@@ -179,6 +243,31 @@ def page_scores(q: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, lengths
     return logical.view(B, Hkv, -1, NL // lpp, lpp).amax(-1)
 
 
+def unrope(q: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Queries ``[B, H, G, D]`` rotated back from RoPE at ``positions`` ``[B]`` (Llama's
+    rotate-half convention; ``inv_freq`` ``[D / 2]`` the model's frequencies), in float32."""
+    B, D = q.shape[0], q.shape[-1]
+    angle = positions.float().view(B, 1) * inv_freq.view(1, -1)
+    angle = torch.cat([angle, angle], -1).view(B, 1, 1, D)
+    q = q.float()
+    half = D // 2
+    rotated = torch.cat([-q[..., half:], q[..., :half]], -1)
+    return q * angle.cos() - rotated * angle.sin()
+
+
+def query_drift(q, q_ref, lengths, inv_freq, tau, refresh) -> torch.Tensor:
+    """Which query heads of q ``[B, H, G, D]`` drifted, bool ``[B, H, G]``: the cosine of their
+    query before RoPE (at the row's position ``lengths - 1``) with ``q_ref`` (unit vectors,
+    fp32) is under ``tau``; every head with ``refresh``. The flagged heads' queries (unit
+    length) replace theirs in ``q_ref``, in place."""
+    now = unrope(q, lengths - 1, inv_freq)
+    now = now * torch.rsqrt((now * now).sum(-1, keepdim=True).clamp_min(1e-30))
+    need = torch.ones(q.shape[:3], dtype=torch.bool, device=q.device) if refresh else \
+        (now * q_ref).sum(-1) < tau
+    q_ref.copy_(torch.where(need.unsqueeze(-1), now, q_ref))
+    return need
+
+
 def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select) -> torch.Tensor:
     """Page selection per query head: int64 ``[B, Hkv, G, n_select]``.
 
@@ -200,6 +289,32 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select)
 
 # -- decode -------------------------------------------------------------------------------------
 
+def _one_query_attention(q, keys, values, valid, scale) -> torch.Tensor:
+    """One query per (row, KV head, query head) against its own keys: q ``[B, H, G, D]``, keys and
+    values ``[B, H, G or 1, N, D]``, valid ``[B, H, G or 1, N]``. Keys and values outside
+    ``valid`` may hold anything (even NaN): they are zeroed first, then masked. A query with no
+    valid key gets zeros. One fused SDPA call (float32, or float64 for float64 inputs)."""
+    acc = _acc_dtype(q)
+    B, H, G, D = q.shape
+    ok = valid.unsqueeze(-1)
+    keys = torch.where(ok, keys.to(acc), 0.0).expand(B, H, G, -1, D).flatten(1, 2)
+    values = torch.where(ok, values.to(acc), 0.0).expand(B, H, G, -1, D).flatten(1, 2)
+    mask = valid.expand(B, H, G, -1).flatten(1, 2).unsqueeze(2)          # [B, H*G, 1, N]
+    seen = mask.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q.to(acc).flatten(1, 2).unsqueeze(2), keys, values,
+                                         attn_mask=mask | ~seen, scale=scale)
+    return torch.where(seen, out, 0.0).view(B, H, G, D).to(q.dtype)
+
+
+def with_newest_page(pages: torch.Tensor, lengths: torch.Tensor, page_size: int) -> torch.Tensor:
+    """``pages`` ``[B, H, G, K]`` plus each row's newest page ``[B, H, G, K + 1]`` (-1 where the
+    list already holds it): a reused selection made before that page began still reads it."""
+    B, H, G, _ = pages.shape
+    newest = ((lengths - 1) // page_size).view(B, 1, 1, 1).expand(B, H, G, 1)
+    held = (pages == newest).any(-1, keepdim=True)
+    return torch.cat([pages, torch.where(held, -1, newest)], dim=-1)
+
+
 def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=None,
                  token_pages=None) -> torch.Tensor:
     """Attention of one query per head over selected pages only.
@@ -209,27 +324,21 @@ def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=Non
     ``[B, Hkv, G, D]`` in q's dtype. ``window`` (Mistral's sliding window) hides tokens older than
     the newest ``window``. ``token_pages``: the page of the sequence each entry of ``pages`` holds,
     when ``pages`` index a page cache (offload) rather than the pool."""
-    acc = _acc_dtype(q)
     B, Hkv, T, D = pool_k.shape
     P = T // page_size
+    G, K = pages.shape[2], pages.shape[3]
     slot_ok = (pages >= 0) & (pages < P)
-    idx = pages.clamp(0, P - 1)
-    flat = idx.flatten(2)                                                 # [B, Hkv, G*K]
-    kp = pool_k.view(B, Hkv, P, page_size, D)
-    vp = pool_v.view(B, Hkv, P, page_size, D)
-    gidx = flat.view(B, Hkv, -1, 1, 1).expand(-1, -1, -1, page_size, D)
-    ksel = torch.gather(kp, 2, gidx).view(*pages.shape, page_size, D)     # [B, Hkv, G, K, page, D]
-    vsel = torch.gather(vp, 2, gidx).view(*pages.shape, page_size, D)
-    at = idx if token_pages is None else token_pages
-    tok = at.unsqueeze(-1) * page_size + torch.arange(page_size, device=q.device)
-    valid = slot_ok.unsqueeze(-1) & (tok < lengths.view(B, 1, 1, 1, 1))   # [B, Hkv, G, K, page]
+    within = torch.arange(page_size, device=q.device)
+    slot_tok = pages.clamp(0, P - 1).unsqueeze(-1) * page_size + within   # where each key is stored
+    tok = slot_tok if token_pages is None else token_pages.unsqueeze(-1) * page_size + within  # its position
+    end = lengths.view(B, 1, 1, 1, 1)
+    valid = slot_ok.unsqueeze(-1) & (tok < end)                           # [B, Hkv, G, K, page]
     if window is not None:
-        valid = valid & (tok >= lengths.view(B, 1, 1, 1, 1) - window)
-    scores = torch.einsum("bhgd,bhgkpd->bhgkp", q.to(acc), ksel.to(acc)) * scale
-    probs = _masked_softmax(scores.flatten(3), valid.flatten(3))
-    # Unselected slots may hold anything (even NaN); zero their values so 0 * NaN cannot leak.
-    vsel = torch.where(valid.unsqueeze(-1), vsel.to(acc), 0.0).flatten(3, 4)
-    return torch.einsum("bhgn,bhgnd->bhgd", probs, vsel).to(q.dtype)
+        valid = valid & (tok >= end - window)
+    idx = slot_tok.view(B, Hkv, G * K * page_size, 1).expand(-1, -1, -1, D)
+    keys = torch.gather(pool_k, 2, idx).view(B, Hkv, G, K * page_size, D)
+    values = torch.gather(pool_v, 2, idx).view(B, Hkv, G, K * page_size, D)
+    return _one_query_attention(q, keys, values, valid.flatten(3), scale)
 
 
 def streaming_decode(q, sink_k, sink_v, ring_k, ring_v, lengths, sink, local, scale, window=None) -> torch.Tensor:
@@ -238,16 +347,12 @@ def streaming_decode(q, sink_k, sink_v, ring_k, ring_v, lengths, sink, local, sc
     q ``[B, Hkv, G, D]``; sink buffers ``[B, Hkv, <= sink, D]``; ring buffers ``[B, Hkv, <= local,
     D]`` (fewer slots while no row can fill them); lengths ``[B]`` counts the current token.
     Returns ``[B, Hkv, G, D]``."""
-    acc = _acc_dtype(q)
     B = q.shape[0]
-    keys = torch.cat([sink_k, ring_k], dim=2).to(acc)
-    vals = torch.cat([sink_v, ring_v], dim=2).to(acc)
+    keys = torch.cat([sink_k, ring_k], dim=2).unsqueeze(2)
+    vals = torch.cat([sink_v, ring_v], dim=2).unsqueeze(2)
     valid = streaming_decode_slots(lengths, sink, local, window,
                                    (sink_k.shape[2], ring_k.shape[2])).view(B, 1, 1, -1)
-    scores = torch.einsum("bhgd,bhnd->bhgn", q.to(acc), keys) * scale
-    probs = _masked_softmax(scores, valid.expand_as(scores))
-    vals = torch.where(valid.view(B, 1, -1, 1), vals, 0.0)
-    return torch.einsum("bhgn,bhnd->bhgd", probs, vals).to(q.dtype)
+    return _one_query_attention(q, keys, vals, valid.expand(B, q.shape[1], 1, -1), scale)
 
 
 def positional_attention(q, k, v, q_pos, k_pos, sink=None, local=None, scale=None, window=None) -> torch.Tensor:

@@ -35,10 +35,12 @@ class Forward:
 
 class DecodeStep:
     """Host bookkeeping of one cache: positions fed, tokens per row (host bounds), the decode step
-    counter and the select-or-reuse decision (``selector_interval``)."""
+    counter and the decision which steps choose every head's pages from scratch (one in
+    ``interval``: ``LServeConfig.refresh_interval``; between them a "drift" selector decides per
+    head, on the device)."""
 
-    def __init__(self, selector_interval: int):
-        self.interval = selector_interval
+    def __init__(self, interval: int):
+        self.interval = interval
         self.seen = 0           # positions fed, padding included (what generate() counts)
         self.longest = 0        # host copy of lengths.max(): growth needs no device sync
         self.shortest = 0       # host copy of lengths.min(): past the sink, no sink write

@@ -72,3 +72,38 @@ def test_passkey_3k_half_streaming_heads_with_shipped_pattern_matches_dense(embe
     small = dict(token_budget=512, prefill_local=256, decode_local=256)
     assert passkey_results(embedded, prompts, LServeConfig(streaming_sparsity=0.5, **small)) == dense
     assert sum(passkey_results(embedded, prompts, LServeConfig(streaming_sparsity=1.0, **small))) <= 2
+
+
+PROSE_DEPTHS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("length", [2048, 4096])
+def test_real_prose_needle_same_answers_as_dense_with_default_selector(embedded, length):
+    """Real English prose (CPython's reference documentation), a 5-digit code at 7 depths; LServe
+    with the shipped pattern at 50% streaming heads, a budget of a quarter of the context and the
+    default (drift) selector answers as dense at >= 6 of the 7 depths."""
+    from lserve_hf.evaluation import make_case, passed
+
+    model, tok = embedded
+    cases = [make_case(tok, "code", length, d, seed=0, haystack="prose") for d in PROSE_DEPTHS]
+
+    def answers():
+        out = []
+        for c in cases:
+            x = tok(c.prompt, return_tensors="pt")
+            with torch.no_grad():
+                y = model.generate(**x, max_new_tokens=c.max_new_tokens, do_sample=False)
+            out.append(passed(tok.decode(y[0, x.input_ids.shape[1]:]), c.expected))
+        return out
+
+    unpatch_model(model)
+    dense = answers()
+    assert sum(dense) >= 6, dense                  # the check means something only where dense answers
+    patch_model(model, LServeConfig(streaming_sparsity=0.5, token_budget=length // 4))
+    try:
+        assert model._lserve.config.selector == "drift"
+        sparse = answers()
+    finally:
+        unpatch_model(model)
+    assert sum(a == b for a, b in zip(sparse, dense)) >= 6, (sparse, dense)

@@ -314,6 +314,29 @@ def test_select_pages_exact_with_ties(chunk, dtype, partial):
     assert torch.equal(scores[..., :3], scores[..., 3:6]) and torch.equal(scores[..., :3], scores[..., 6:9])
 
 
+@pytest.mark.parametrize("chunk", [16, 512])
+def test_select_pages_only_for_the_flagged_query_heads(chunk):
+    """need/out (the drift selector): flagged query heads get the reference's fresh selection,
+    the others keep what out held; a KV head with no flagged query head is skipped entirely (its
+    out rows are left as they were, whatever its scores would be)."""
+    torch.manual_seed(36)
+    B, Hkv, G, D, T, ps, lp = 2, 3, 4, 64, 768, 16, 4
+    L = torch.tensor([757, 301], device=DEV)
+    kmax, kmin = _summaries(B, Hkv, T, D, L.tolist(), lp, torch.float32, integer=True, repeat_pages=2)
+    q = torch.randint(-2, 3, (B, Hkv, G, D), device=DEV).float()
+    fresh = R.select_pages(q, kmax, kmin, L, ps, lp, 7)
+    need = torch.rand(B, Hkv, G, device=DEV) < 0.5
+    need[0, 1] = False
+    need[1, 2] = True
+    old = torch.randint(0, 40, (B, Hkv, G, 7), device=DEV)
+    out = old.clone()
+    got = PS.select_pages(q, kmax, kmin, L, ps, lp, 7, plan=SelectPlan(chunk=chunk), need=need, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(out, torch.where(need.unsqueeze(-1), fresh, old))
+    with pytest.raises(ValueError, match="out"):
+        PS.select_pages(q, kmax, kmin, L, ps, lp, 7, need=need)
+
+
 def test_select_pages_fewer_pages_than_slots_and_empty_row():
     torch.manual_seed(31)
     B, Hkv, G, D, T, ps, lp = 3, 1, 2, 64, 64, 16, 4
@@ -634,3 +657,48 @@ def test_patched_decode_step_kernel_equals_torch_path(sparsity, monkeypatch):
         assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
         if plan.n_retrieval:
             assert torch.equal(a.selector.pages, b.selector.pages)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_drift_matches_the_reference(dtype):
+    """The drift test of the default selector: the flags and the kept queries of the kernel equal
+    the reference's (queries either unchanged content, cosine 1, or unrelated, cosine ~0)."""
+    torch.manual_seed(37)
+    B, Hkv, G, D = 2, 3, 4, 64
+    q = _randn(B, Hkv, G, D, dtype=dtype)
+    L = torch.tensor([1000, 37], device=DEV)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, D, 2, device=DEV).float() / D))).contiguous()
+    pre = R.unrope(q, L - 1, inv_freq)
+    pre = pre / pre.norm(dim=-1, keepdim=True)
+    other = torch.randn(B, Hkv, G, D, device=DEV)
+    keep = torch.rand(B, Hkv, G, device=DEV) < 0.5
+    ref0 = torch.where(keep.unsqueeze(-1), pre, other / other.norm(dim=-1, keepdim=True)).contiguous()
+    for refresh in (False, True):
+        a, b = ref0.clone(), ref0.clone()
+        want = R.query_drift(q, a, L, inv_freq, 0.8, refresh)
+        got = PS.query_drift(q, b, L, inv_freq, 0.8, refresh)
+        assert torch.equal(got.bool(), want)
+        assert torch.equal(want, torch.ones_like(want) if refresh else ~keep)
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("Hs", [0, 2])
+def test_decode_reads_the_newest_page_besides_the_list(Hs):
+    """newest_page=True: each retrieval query head also reads its row's newest page unless the
+    list holds it, as reference.with_newest_page says."""
+    torch.manual_seed(38)
+    B, Hr, G, D, T, ps, K = 2, 2, 2, 64, 160, 16, 4
+    L, qs, sk, sv, rk, rv, qr, pk, pv, pages = _decode_inputs(B, Hs, Hr, G, D, 4, 8, T, ps, K, [150, 70],
+                                                              torch.float32)
+    pk = torch.randn_like(pk)                # every page readable: the newest one is not poisoned
+    pv = torch.randn_like(pv)
+    tok = torch.arange(T, device=DEV).view(1, 1, T, 1)
+    pk = torch.where(tok < L.view(B, 1, 1, 1), pk, float("nan"))
+    pv = torch.where(tok < L.view(B, 1, 1, 1), pv, float("nan"))
+    pages[0, 0, 0, 1] = (150 - 1) // ps      # one head already lists its newest page
+    out_r = torch.full_like(qr, float("nan"))
+    sparse_paged_decode(qs, sk, sv, rk, rv, qr, pk, pv, pages, L, 4, 8, ps, D ** -0.5, out_retr=out_r,
+                        newest_page=True)
+    full = R.with_newest_page(pages, L, ps)
+    ref = R.paged_decode(qr.double(), pk.double(), pv.double(), full, L, ps, D ** -0.5)
+    assert not torch.isnan(out_r).any() and rel_err(out_r, ref) < 1e-5
