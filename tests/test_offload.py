@@ -372,4 +372,4 @@ def test_gpu_offloaded_generate_equals_in_memory(graphs):
     assert ((a - b).norm() / b.norm()) < 1e-4
     assert (out["offload"].sequences == out["memory"].sequences).float().mean() > 0.95
     ws = out["offload"].past_key_values.working_set()
-    assert ws["steps"] == 47 and ws["misses"] > 0
+    assert ws["steps"] == out["offload"].sequences.shape[1] - ids.shape[1] - 1 and ws["misses"] > 0
