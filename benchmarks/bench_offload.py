@@ -142,12 +142,16 @@ def run(model, n, steps, batch=1):
 
 
 def attempt(model, n, steps, batch=1):
-    """``run``, or a row saying why it could not."""
+    """``run``, or a row saying why it could not: out of GPU memory, or another error (host memory
+    that cannot be pinned, a kernel that fails), reported so that the runs after it still report."""
     try:
         return run(model, n, steps, batch)
     except torch.OutOfMemoryError as exc:
         _free()
         return dict(length=n, batch=batch, skipped=f"out of GPU memory ({str(exc).splitlines()[0][:80]})")
+    except RuntimeError as exc:
+        _free()
+        return dict(length=n, batch=batch, skipped=f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
 
 
 def sweep_length(model, configs, n, steps, budget, cap_bytes, rows, modes):
