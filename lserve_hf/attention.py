@@ -98,7 +98,7 @@ def _chunk_prefill(query, layer, cache, fwd, mask, plan, cfg, scale, window):
     T = fwd.before + S
     out = torch.empty_like(query)
     q_stream, q_retr = plan.query_heads(query.device, G)
-    for streams, q_heads, k, v in ((False, q_retr, layer.pool.pool_k, layer.pool.pool_v),
+    for streams, q_heads, k, v in ((False, q_retr, *layer.pool.token_range(0, T)),
                                    (True, q_stream, layer.prompt_k, layer.prompt_v)):
         if q_heads.numel():
             kinds = torch.full((k.shape[1],), streams, device=query.device)
@@ -126,8 +126,9 @@ def _decode(query, layer, cache, fwd, plan, cfg, scale, window, want_weights=Fal
     else:
         pages = q.new_zeros(B, 0, q.shape[2], 1, dtype=torch.long)
     s = layer.streaming
-    ops.decode(q_s, s.sink_k, s.sink_v, s.ring_k, s.ring_v, q_r, layer.pool.pool_k, layer.pool.pool_v, pages,
-               lengths, cfg, scale, o_s, o_r, window, fwd.longest)
+    pool_k, pool_v, read, located = layer.pool.decode_view(pages, lengths)   # offload: the GPU page cache
+    ops.decode(q_s, s.sink_k, s.sink_v, s.ring_k, s.ring_v, q_r, pool_k, pool_v, read,
+               lengths, cfg, scale, o_s, o_r, window, fwd.longest, located)
     weights = None
     if want_weights:
         weights = plan.unsort(decode_weights(q_s, q_r, layer, cache, pages, fwd, cfg, scale, window))
@@ -165,7 +166,8 @@ def decode_weights(q_s, q_r, layer, cache, pages, fwd, cfg, scale, window):
         if window is not None:
             valid = valid & (tok >= lengths.view(B, 1, 1, 1, 1) - window)
         tok, valid = tok.flatten(3), valid.flatten(3)                                       # [B, Hr, G, N]
-        keys = torch.gather(pool.pool_k, 2, tok.flatten(2).unsqueeze(-1).expand(-1, -1, -1, D))
+        pool_k = pool.token_range(0, pool.capacity)[0]        # on the GPU (an offloaded pool: a copy)
+        keys = torch.gather(pool_k, 2, tok.flatten(2).unsqueeze(-1).expand(-1, -1, -1, D))
         scores = torch.einsum("bhgd,bhgnd->bhgn", q_r.float(), keys.view(B, Hr, G, -1, D).float()) * scale
         parts.append((Hs, Hs + Hr, scores, valid, tok))
     for a, b, scores, valid, tok in parts:
@@ -191,8 +193,7 @@ def _extend(query, layer, cache, plan, cfg, scale, new_k, new_v, window):
         T = cache.step.current.longest
         k_pos = torch.arange(T, device=q.device).view(1, T).expand(B, T)
         k_pos = torch.where(k_pos < lengths.view(B, 1), k_pos, -1)
-        pool = layer.pool
-        out[:, rt] = reference.positional_attention(q[:, rt], pool.pool_k[:, :, :T], pool.pool_v[:, :, :T],
+        out[:, rt] = reference.positional_attention(q[:, rt], *layer.pool.token_range(0, T),
                                                     q_pos, k_pos, scale=scale, window=window)
     if st.numel():
         sink, local = cfg.decode_sink, cfg.decode_local

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .offload import HostPagePool
 from .pages import PagePool, round_up
 from .selector import PageSelector
 from .step import DecodeStep
@@ -41,7 +42,8 @@ class LServeLayer(CacheLayerMixin):
         self.plan = plan
         self.capacity = capacity    # tokens to allocate the page pool for at prefill (0: the prompt's)
         self.streaming = StreamingStore(cfg.decode_sink, cfg.decode_local)
-        self.pool = PagePool(cfg)
+        # offload="host": retrieval pages in host memory, a GPU page cache (dense layers read every page)
+        self.pool = (HostPagePool if cfg.offload and not plan.dense and plan.n_retrieval else PagePool)(cfg)
         self.selector = PageSelector(cfg, plan.dense, plan.rope_inv_freq)
         self.prompt_k = self.prompt_v = None   # streaming heads' prompt while it comes in chunks
         self.epoch = 0
@@ -263,7 +265,7 @@ class LServeCache(Cache):
         self.advance_lengths(-n)
         for layer in self.layers:
             if layer.pool.heads:
-                layer.pool.crop(self.lengths_on(layer.pool.pool_k.device), self.step.shortest - n,
+                layer.pool.crop(self.lengths_on(layer.device), self.step.shortest - n,
                                 self.step.longest)
         self.step.crop(n)
 
@@ -320,6 +322,12 @@ class LServeCache(Cache):
         """After a chunked prefill's last chunk."""
         for layer in self.layers:
             layer.finish_prompt(self)
+
+    def working_set(self) -> dict:
+        """Page-cache counters of an offloaded cache (``lserve_hf.offload.working_set``)."""
+        from .offload import working_set
+
+        return working_set(self)
 
     def kv_bytes(self, reserved: bool = False) -> int:
         """Bytes of the tokens stored (streaming heads: sink + window; retrieval heads: their tokens and

@@ -81,6 +81,20 @@ class LServeConfig:
         dynamic_block: queries and keys per block of the estimate and of the key-block lists
             (default 128; a power of two >= 16). The kernel walks a listed block in its own key
             steps.
+
+    Offload (SparseServe's hierarchical KV memory, ``lserve_hf.offload``):
+        offload: None (default: every page in GPU memory) or "host": the retrieval heads' pages live
+            in pinned host memory, and each (row, retrieval KV head) keeps the pages decode reads in
+            a GPU page cache, loaded on a miss by a kernel that reads host memory directly. GPU
+            memory then no longer grows with the context (summaries aside: 1/8 of the keys at 16-token
+            logical pages). Dense layers keep their pages on the GPU (they read all of them).
+        hbm_pages: pages per (row, retrieval KV head) in the GPU page cache, the newest page
+            included. None: 2x ``pages_per_selection``. Raised, if lower, to what one step can read
+            (G query heads per KV head: ``G * pages_per_selection + 1``), so a step always fits.
+        offload_policy: which cached page a miss replaces: "lru" (default: least recently read) or
+            "frequency" (least often read since loaded, then least recently). They tie on the
+            embedded model's selections; frequency misses less only where queries jump between
+            selections (docs/offload.md).
     """
 
     streaming_sparsity: float = 0.5
@@ -105,6 +119,9 @@ class LServeConfig:
     dynamic_min_density: float = 0.05
     dynamic_max_density: float = 1.0
     dynamic_block: int = 128
+    offload: str | None = None
+    hbm_pages: int | None = None
+    offload_policy: str = "lru"
 
     def __setattr__(self, name, value):
         if self.__dict__.get("_validated"):
@@ -156,6 +173,12 @@ class LServeConfig:
         if not isinstance(self.cuda_graphs, bool):
             raise TypeError(f"cuda_graphs={self.cuda_graphs!r} must be True or False.")
         self._check_dynamic()
+        if self.offload not in (None, "host"):
+            raise ValueError(f"offload={self.offload!r} is not None or 'host'.")
+        if self.hbm_pages is not None:
+            set_(self, "hbm_pages", _integer("hbm_pages", self.hbm_pages, 1))
+        if self.offload_policy not in ("lru", "frequency"):
+            raise ValueError(f"offload_policy={self.offload_policy!r} is not one of 'lru', 'frequency'.")
         set_(self, "_validated", True)
 
     def _check_dynamic(self):

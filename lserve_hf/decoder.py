@@ -18,6 +18,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from . import segmented
 from .cache import LServeCache
 from .decode_graph import DecodeGraphs
 from .masks import PromptMask, prompt_mask
@@ -50,6 +51,9 @@ class LServeCausalLMMixin:
         if kwargs.get("cache_implementation", getattr(gen, "cache_implementation", None)) not in (None, "dynamic"):
             say_once("LServe: a patched model decodes with its own LServeCache; cache_implementation="
                      f"{kwargs.get('cache_implementation', gen.cache_implementation)!r} is not used.")
+        if self._lserve.config.offload:
+            from .offload import check_generate
+            check_generate(self, args, kwargs)
         return super().generate(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, *args, **kwargs):
@@ -209,6 +213,8 @@ def _prompt(base, parent, cache, kw, S):
     chunk = cache.config.prefill_chunk_size
     if chunk is not None and S > chunk and not mask.general:
         if not (kw.get("output_attentions") or kw.get("output_hidden_states")):
+            if cache.config.offload and segmented.runs(base):
+                return segmented.prefill(base, cache, chunk, kw)    # one layer's KV on the GPU at a time
             return chunked_prefill(parent, cache, chunk, kw)
         say_once("LServe: output_attentions/output_hidden_states need the prompt in one pass; "
                  "this prefill is not chunked.")

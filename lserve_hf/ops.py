@@ -139,11 +139,14 @@ def query_drift(q, q_ref, lengths, inv_freq, tau, refresh, cfg) -> torch.Tensor:
 
 
 def decode(q_s, sink_k, sink_v, ring_k, ring_v, q_r, pool_k, pool_v, pages, lengths, cfg, scale,
-           out_s, out_r, window=None, longest=0) -> None:
+           out_s, out_r, window=None, longest=0, located=None) -> None:
     """Decode attention of streaming heads (sink + ring) and retrieval heads (the ``pages`` of
     their selection, and the row's newest page), into ``out_s`` ``[B, Hs, G, D]`` and ``out_r``
     ``[B, Hr, G, D]``. ``longest``: the host's longest
-    row, to know whether Mistral's ``window`` can hide a token (the kernel has no window)."""
+    row, to know whether Mistral's ``window`` can hide a token (the kernel has no window).
+    ``located``: (slot lengths, physical pages) when ``pool_k``/``pool_v`` are an offloaded
+    pool's page cache and ``pages`` its slots (``HostPagePool.decode_view``): the newest page is
+    then the last slot, which the slot lengths end in."""
     q = q_s if q_s.shape[1] else q_r
     kernels = _kernels_for(cfg, q)
     if kernels is not None and window is not None and longest > window:
@@ -151,13 +154,20 @@ def decode(q_s, sink_k, sink_v, ring_k, ring_v, q_r, pool_k, pool_v, pages, leng
                  "torch path (same semantics, slower).")
         kernels = None
     if kernels is not None and _supported(cfg, "decode", q):
-        kernels.sparse_paged_decode(q_s, sink_k, sink_v, ring_k, ring_v, q_r, pool_k, pool_v, pages, lengths,
-                                    cfg.decode_sink, cfg.decode_local, cfg.page_size, scale,
-                                    out_stream=out_s, out_retr=out_r, newest_page=True)
+        # one length per row: a page cache's retrieval heads read by slot lengths, so a second launch
+        parts = [(q_s, q_r, pages, lengths)] if located is None else \
+            [(q_s, q_r[:, :0], pages[:, :0], lengths), (q_s[:, :0], q_r, pages, located[0])]
+        for qs, qr, pg, n in parts:
+            kernels.sparse_paged_decode(qs, sink_k, sink_v, ring_k, ring_v, qr, pool_k, pool_v, pg, n,
+                                        cfg.decode_sink, cfg.decode_local, cfg.page_size, scale,
+                                        out_stream=out_s, out_retr=out_r, newest_page=True)
         return
     if q_s.shape[1]:
         out_s.copy_(reference.streaming_decode(q_s, sink_k, sink_v, ring_k, ring_v, lengths, cfg.decode_sink,
                                                cfg.decode_local, scale, window))
     if q_r.shape[1]:
-        pages = reference.with_newest_page(pages, lengths, cfg.page_size)
-        out_r.copy_(reference.paged_decode(q_r, pool_k, pool_v, pages, lengths, cfg.page_size, scale, window))
+        at = None
+        if located is not None:   # the same column added to the slots (by slot lengths) and the pages
+            at = reference.with_newest_page(located[1], lengths, cfg.page_size)
+        pages = reference.with_newest_page(pages, lengths if located is None else located[0], cfg.page_size)
+        out_r.copy_(reference.paged_decode(q_r, pool_k, pool_v, pages, lengths, cfg.page_size, scale, window, at))

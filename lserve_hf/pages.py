@@ -43,16 +43,23 @@ class PagePool:
         self.pool_k = like.new_zeros(B, heads, cap, D)
         self.pool_v = like.new_zeros(B, heads, cap, D)
 
+    def prompt_store(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a prompt is written while it comes in: the pool itself (an offloaded pool: a
+        GPU buffer, sent to host memory once the prompt is stored)."""
+        return self.pool_k, self.pool_v
+
     def write(self, k: torch.Tensor, v: torch.Tensor, a: int, b: int) -> None:
         """Prompt tokens at slots [a, b), rows as given (left padding still in place)."""
-        self.pool_k[:, :, a:b], self.pool_v[:, :, a:b] = k, v
+        pk, pv = self.prompt_store()
+        pk[:, :, a:b], pv[:, :, a:b] = k, v
 
     def shift_rows(self, idx: torch.Tensor, n: int) -> None:
         """Compact rows past their left padding: slot j of row b takes slot ``idx[b, j]``."""
-        B, Hr, _, D = self.pool_k.shape
+        pk, pv = self.prompt_store()
+        B, Hr, _, D = pk.shape
         gather = idx.view(B, 1, n, 1).expand(B, Hr, n, D)
-        self.pool_k[:, :, :n] = torch.gather(self.pool_k[:, :, :n], 2, gather)
-        self.pool_v[:, :, :n] = torch.gather(self.pool_v[:, :, :n], 2, gather)
+        pk[:, :, :n] = torch.gather(pk[:, :, :n], 2, gather)
+        pv[:, :, :n] = torch.gather(pv[:, :, :n], 2, gather)
 
     def needs_summaries(self, longest: int) -> bool:
         """Rows longer than the token budget select pages, from the summaries."""
@@ -67,20 +74,39 @@ class PagePool:
     def grow(self, needed: int, min_step: int = 0) -> bool:
         """Make room for ``needed`` tokens: grow by whole pages (at least ``min_step`` tokens) and
         extend the summaries with empty logical pages. Returns whether the stores moved."""
-        cap = self.capacity
-        if needed <= cap or self.pool_k is None:
+        extra = self._growth(needed, min_step)
+        if not extra:
             return False
-        cfg = self.config
-        step = max(min_step, min(cap // 8, self.MAX_GROWTH))
-        extra = round_up(max(needed, cap + step), cfg.page_size) - cap
         B, Hr, _, D = self.pool_k.shape
         self.pool_k = torch.cat([self.pool_k, self.pool_k.new_zeros(B, Hr, extra, D)], dim=2)
         self.pool_v = torch.cat([self.pool_v, self.pool_v.new_zeros(B, Hr, extra, D)], dim=2)
+        self._grow_summaries(extra)
+        return True
+
+    def _growth(self, needed: int, min_step: int) -> int:
+        """Tokens to add for ``needed`` (0: they fit)."""
+        cap = self.capacity
+        if needed <= cap or self.pool_k is None:
+            return 0
+        step = max(min_step, min(cap // 8, self.MAX_GROWTH))
+        return round_up(max(needed, cap + step), self.config.page_size) - cap
+
+    def _grow_summaries(self, extra: int) -> None:
         if self.kmax is not None:
-            nl = extra // cfg.logical_page_size
+            B, Hr, _, D = self.kmax.shape
+            nl = extra // self.config.logical_page_size
             self.kmax = torch.cat([self.kmax, self.kmax.new_full((B, Hr, nl, D), float("-inf"))], dim=2)
             self.kmin = torch.cat([self.kmin, self.kmin.new_full((B, Hr, nl, D), float("inf"))], dim=2)
-        return True
+
+    def token_range(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of tokens [a, b) of every row, on the model's device (views here)."""
+        return self.pool_k[:, :, a:b], self.pool_v[:, :, a:b]
+
+    def decode_view(self, pages: torch.Tensor, lengths: torch.Tensor):
+        """What a decode step reads its retrieval heads from: (keys, values, page list, None),
+        the pool itself; an offloaded pool gives its GPU page cache and slot ids instead, with
+        the lengths and pages that locate their tokens (``offload.HostPagePool.decode_view``)."""
+        return self.pool_k, self.pool_v, pages, None
 
     def append(self, kr: torch.Tensor, vr: torch.Tensor, pos: torch.Tensor) -> None:
         """Write S new tokens per row at token positions ``pos`` ``[B, S]`` and fold their keys
@@ -101,7 +127,7 @@ class PagePool:
             return
         lp = self.config.logical_page_size
         a, b = (shortest // lp) * lp, round_up(longest, lp)
-        kmax, kmin = ops.page_summaries(self.pool_k[:, :, a:b], (lengths - a).clamp(min=0), self.config)
+        kmax, kmin = ops.page_summaries(self.token_range(a, b)[0], (lengths - a).clamp(min=0), self.config)
         self.kmax[:, :, a // lp:b // lp], self.kmin[:, :, a // lp:b // lp] = kmax, kmin
 
     def tensors(self) -> dict:

@@ -315,23 +315,27 @@ def with_newest_page(pages: torch.Tensor, lengths: torch.Tensor, page_size: int)
     return torch.cat([pages, torch.where(held, -1, newest)], dim=-1)
 
 
-def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=None) -> torch.Tensor:
+def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=None,
+                 token_pages=None) -> torch.Tensor:
     """Attention of one query per head over selected pages only.
 
     q ``[B, Hkv, G, D]``; pools ``[B, Hkv, T, D]``; pages int ``[B, Hkv, G, K]`` (-1 or an index
     past the row's pages means an empty slot). Reads only the gathered pages. Returns
     ``[B, Hkv, G, D]`` in q's dtype. ``window`` (Mistral's sliding window) hides tokens older than
-    the newest ``window``."""
+    the newest ``window``. ``token_pages``: the page of the sequence each entry of ``pages`` holds,
+    when ``pages`` index a page cache (offload) rather than the pool."""
     B, Hkv, T, D = pool_k.shape
     P = T // page_size
     G, K = pages.shape[2], pages.shape[3]
     slot_ok = (pages >= 0) & (pages < P)
-    tok = pages.clamp(0, P - 1).unsqueeze(-1) * page_size + torch.arange(page_size, device=q.device)
+    within = torch.arange(page_size, device=q.device)
+    slot_tok = pages.clamp(0, P - 1).unsqueeze(-1) * page_size + within   # where each key is stored
+    tok = slot_tok if token_pages is None else token_pages.unsqueeze(-1) * page_size + within  # its position
     end = lengths.view(B, 1, 1, 1, 1)
     valid = slot_ok.unsqueeze(-1) & (tok < end)                           # [B, Hkv, G, K, page]
     if window is not None:
         valid = valid & (tok >= end - window)
-    idx = tok.view(B, Hkv, G * K * page_size, 1).expand(-1, -1, -1, D)
+    idx = slot_tok.view(B, Hkv, G * K * page_size, 1).expand(-1, -1, -1, D)
     keys = torch.gather(pool_k, 2, idx).view(B, Hkv, G, K * page_size, D)
     values = torch.gather(pool_v, 2, idx).view(B, Hkv, G, K * page_size, D)
     return _one_query_attention(q, keys, values, valid.flatten(3), scale)

@@ -18,6 +18,7 @@ the same way for an eager step and a replay.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -78,6 +79,18 @@ class DecodeStep:
             kind, longest = ("decode" if new == 1 else "extend"), self.longest + new
         self.current = Forward(kind, new, self.seen, longest, kind == "decode" and self.selects_next())
         return self.current
+
+    @contextmanager
+    def segment(self, before: int, new: int):
+        """Within the forward of a whole announced prompt (``begin(total)``), the layer about to
+        run sees the chunk [before, before + new) as its forward: a prefill run layer by layer
+        (``lserve_hf.segmented``), every chunk through one layer before the next layer."""
+        whole = self.current
+        self.current = Forward("chunk", new, before, before + new, False)
+        try:
+            yield self.current
+        finally:
+            self.current = whole
 
     def end(self, shortest: int | None = None, longest: int | None = None) -> None:
         """The forward ran. A prompt's last forward passes the rows' (shortest, longest) lengths
