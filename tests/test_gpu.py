@@ -8,8 +8,11 @@ from lserve_hf import LServeConfig, patch_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
+# selector_max_age=4: the drift selector's refresh every 4 steps, so short runs see both decode
+# graphs (a refresh and a drift-checked reuse)
 CFG = dict(streaming_sparsity=0.5, page_size=64, logical_page_size=16, token_budget=256,
-           prefill_sink=32, prefill_local=256, decode_sink=32, decode_local=128, selector_interval=4)
+           prefill_sink=32, prefill_local=256, decode_sink=32, decode_local=128, selector_interval=4,
+           selector_max_age=4)
 
 
 def _model():
@@ -54,8 +57,10 @@ def test_triton_backend_is_used_on_cuda(monkeypatch):
     assert calls.get("select_pages", 0) >= 3
 
 
-@pytest.mark.parametrize("interval, grow", [(4, False), (1, False), (4, True)])
-def test_graph_decode_equals_eager_token_for_token(interval, grow, monkeypatch):
+@pytest.mark.parametrize("selector, interval, grow",
+                         [("reuse", 4, False), ("reuse", 1, False), ("drift", 4, False), ("reuse", 4, True),
+                          ("drift", 4, True)])
+def test_graph_decode_equals_eager_token_for_token(selector, interval, grow, monkeypatch):
     from lserve_hf import LServeCache
     from lserve_hf.decode_graph import DecodeGraphs
 
@@ -65,8 +70,9 @@ def test_graph_decode_equals_eager_token_for_token(interval, grow, monkeypatch):
     mask[0, :50] = 0
     model = _model()
     outs = {}
+    # drift: every head chooses afresh every 4 steps too, so both graphs run within the 150 steps
+    cfg = dict(CFG, selector=selector, selector_interval=interval)
     for graphs in (False, True):
-        cfg = dict(CFG, selector_interval=interval)
         patch_model(model, LServeConfig(cuda_graphs=graphs, **cfg), head_pattern=PATTERN)
         # grow: a cache not sized by generate(), so the pools grow (and graphs are re-captured)
         extra = dict(past_key_values=LServeCache(model)) if grow else {}
@@ -74,6 +80,7 @@ def test_graph_decode_equals_eager_token_for_token(interval, grow, monkeypatch):
             outs[graphs] = model.generate(ids, attention_mask=mask, max_new_tokens=150, do_sample=False,
                                           output_logits=True, return_dict_in_generate=True, **extra)
     cache = outs[True].past_key_values
+    assert LServeConfig(**cfg).refresh_interval == interval
     assert set(cache.decode_graphs.graphs) == ({"select"} if interval == 1 else {"select", "reuse"})
     assert (cache.epoch > len(cache.layers) + 1) == grow
     assert torch.equal(outs[True].sequences, outs[False].sequences)
