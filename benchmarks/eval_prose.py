@@ -85,13 +85,13 @@ def run(model, tok, lengths, seeds, depths, budgets, out_dir, device, progress=T
 def table(records) -> str:
     lengths = sorted({r["length"] for r in records})
     keys = list(dict.fromkeys((r["method"], r["selector"], r["budget"]) for r in records))
-    lines = [f"{'method':<22}{'selector':<8}{'budget':<9}" + "".join(f"{L:>9}" for L in lengths)]
+    lines = [f"{'method':<22}{'selector':<10}{'budget':<9}" + "".join(f"{L:>9}" for L in lengths)]
     for m, s, b in keys:
         cells = []
         for L in lengths:
             rs = [r["correct"] for r in records if (r["method"], r["selector"], r["budget"], r["length"]) == (m, s, b, L)]
-            cells.append(f"{sum(rs):>4}/{len(rs):<4}")
-        lines.append(f"{m:<22}{s or '-':<8}{b:<9}" + "".join(cells))
+            cells.append(f"{sum(rs):>6}/{len(rs):<2}")
+        lines.append(f"{m:<22}{s or '-':<10}{b:<9}" + "".join(cells))
     return "\n".join(lines)
 
 

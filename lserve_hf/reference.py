@@ -297,12 +297,16 @@ def _one_query_attention(q, keys, values, valid, scale) -> torch.Tensor:
     acc = _acc_dtype(q)
     B, H, G, D = q.shape
     ok = valid.unsqueeze(-1)
-    keys = torch.where(ok, keys.to(acc), 0.0).expand(B, H, G, -1, D).flatten(1, 2)
-    values = torch.where(ok, values.to(acc), 0.0).expand(B, H, G, -1, D).flatten(1, 2)
+    keys = torch.where(ok, keys.to(acc), 0.0)
+    values = torch.where(ok, values.to(acc), 0.0)
+    # keys shared by a KV head's G query heads stay one copy (SDPA's GQA); per-query-head keys
+    # (page selections) are one head each
+    shared = keys.shape[2] == 1 and G > 1
+    keys, values = (t.squeeze(2) if shared else t.flatten(1, 2) for t in (keys, values))
     mask = valid.expand(B, H, G, -1).flatten(1, 2).unsqueeze(2)          # [B, H*G, 1, N]
     seen = mask.any(-1, keepdim=True)
     out = F.scaled_dot_product_attention(q.to(acc).flatten(1, 2).unsqueeze(2), keys, values,
-                                         attn_mask=mask | ~seen, scale=scale)
+                                         attn_mask=mask | ~seen, scale=scale, enable_gqa=shared)
     return torch.where(seen, out, 0.0).view(B, H, G, D).to(q.dtype)
 
 
@@ -335,9 +339,12 @@ def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=Non
     valid = slot_ok.unsqueeze(-1) & (tok < end)                           # [B, Hkv, G, K, page]
     if window is not None:
         valid = valid & (tok >= end - window)
-    idx = slot_tok.view(B, Hkv, G * K * page_size, 1).expand(-1, -1, -1, D)
-    keys = torch.gather(pool_k, 2, idx).view(B, Hkv, G, K * page_size, D)
-    values = torch.gather(pool_v, 2, idx).view(B, Hkv, G, K * page_size, D)
+    # whole pages copied as rows of page_size * D values (one index_select), not key by key
+    pool_k, pool_v = pool_k[:, :, :P * page_size], pool_v[:, :, :P * page_size]
+    rows = pages.clamp(0, P - 1) + P * torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1, 1)
+    keys = pool_k.reshape(B * Hkv * P, page_size * D).index_select(0, rows.flatten())
+    values = pool_v.reshape(B * Hkv * P, page_size * D).index_select(0, rows.flatten())
+    keys, values = (t.view(B, Hkv, G, K * page_size, D) for t in (keys, values))
     return _one_query_attention(q, keys, values, valid.flatten(3), scale)
 
 

@@ -94,3 +94,27 @@ def test_packaging_layout():
     assert lserve_hf.calibration.__name__ == "lserve_hf.calibration"
     tops = {top for top, dists in importlib.metadata.packages_distributions().items() if "lserve-hf" in dists}
     assert tops == {"lserve_hf"}
+
+
+def test_dense_layers_decode_every_page():
+    """A dense layer reads every page at decode, whatever the budget: with every layer dense, a
+    budget far below the context still gives the dense model's logits, step after step; the same
+    budget without dense layers selects pages and changes them (so the check can fail)."""
+    model = tiny_llama(layers=2)
+    ids = torch.randint(1, 100, (1, 300), generator=torch.Generator().manual_seed(5))
+    small = dict(streaming_sparsity=0, token_budget=64, selector="reuse", selector_interval=1)
+
+    def logits(config):
+        if config is not None:
+            patch_model(model, config)
+        try:
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True,
+                                     return_dict_in_generate=True)
+            return torch.stack(out.logits)
+        finally:
+            unpatch_model(model)
+
+    ref = logits(None)
+    torch.testing.assert_close(logits(LServeConfig(dense_layers=(0, 1), **small)), ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits(LServeConfig(**small)), ref, rtol=1e-4, atol=1e-4)

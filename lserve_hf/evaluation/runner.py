@@ -298,6 +298,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         help="streaming heads' local window at prefill (tokens)")
     lserve.add_argument("--decode-local", type=positive_int, default=None,
                         help="streaming heads' local window at decode (tokens)")
+    lserve.add_argument("--selector", choices=["drift", "reuse"], default=None,
+                        help="page selector between refreshes: drift (default: a head chooses afresh when "
+                        "its query drifts) or reuse (LServe's plain reuse for selector_interval steps)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -334,7 +337,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     model, tok = load_model(args.model, args.device)
     base = default_lserve_config(model, args.head_pattern)
-    over = {k: getattr(args, k) for k in ("streaming_sparsity", "token_budget", "prefill_local", "decode_local")
+    over = {k: getattr(args, k) for k in ("streaming_sparsity", "token_budget", "prefill_local", "decode_local",
+                                                  "selector")
             if getattr(args, k) is not None}
     try:
         base = replace(base, **over)
