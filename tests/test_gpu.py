@@ -150,3 +150,23 @@ def test_graph_decode_equals_eager_on_the_embedded_model(embedded_on_gpu_box):
         model.cpu()
     assert torch.equal(outs[True], outs[False])
     assert answer_matches(tok.decode(outs[True][0, x.input_ids.shape[1]:]), p.passkey)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_head_dim_the_kernels_do_not_take_runs_the_torch_path_and_says_so(graphs, caplog):
+    """Head dim 96 (not a power of two): prefill, summaries, selection and decode take the torch
+    path on CUDA, eager or inside the decode graphs, with a one-time message, and give what
+    backend='torch' gives."""
+    from lserve_hf import ops
+
+    ops._said.clear()
+    ids = torch.randint(1, 500, (1, 700), generator=torch.Generator().manual_seed(6)).cuda()
+    outs = []
+    for backend in ("auto", "torch"):
+        model = tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=96, vocab=500, seed=0).cuda()
+        patch_model(model, LServeConfig(backend=backend, cuda_graphs=graphs, **CFG),
+                    head_pattern=PATTERN[:2])
+        with torch.no_grad():
+            outs.append(model.generate(ids, max_new_tokens=12, do_sample=False))
+    assert torch.equal(outs[0], outs[1])
+    assert "head dim 96" in caplog.text
