@@ -292,13 +292,15 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select)
 def _one_query_attention(q, keys, values, valid, scale) -> torch.Tensor:
     """One query per (row, KV head, query head) against its own keys: q ``[B, H, G, D]``, keys and
     values ``[B, H, G or 1, N, D]``, valid ``[B, H, G or 1, N]``. Keys and values outside
-    ``valid`` may hold anything (even NaN): they are zeroed first, then masked. A query with no
-    valid key gets zeros. One fused SDPA call (float32, or float64 for float64 inputs)."""
+    ``valid`` may hold anything (even NaN): they are zeroed first (in place: keys and values must
+    be the caller's own copies), then masked. A query with no valid key gets zeros. One fused
+    SDPA call (float32, or float64 for float64 inputs)."""
     acc = _acc_dtype(q)
     B, H, G, D = q.shape
-    ok = valid.unsqueeze(-1)
-    keys = torch.where(ok, keys.to(acc), 0.0)
-    values = torch.where(ok, values.to(acc), 0.0)
+    # the callers pass fresh copies (gathered pages, sink + ring), zeroed in place: no third copy
+    hidden = ~valid.unsqueeze(-1)
+    keys = keys.to(acc).masked_fill_(hidden, 0.0)
+    values = values.to(acc).masked_fill_(hidden, 0.0)
     # keys shared by a KV head's G query heads stay one copy (SDPA's GQA); per-query-head keys
     # (page selections) are one head each
     shared = keys.shape[2] == 1 and G > 1
