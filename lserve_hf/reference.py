@@ -295,21 +295,28 @@ def _one_query_attention(q, keys, values, valid, scale) -> torch.Tensor:
     ``valid`` may hold anything (even NaN): they are zeroed first (in place: keys and values must
     be the caller's own copies), then masked. A query with no valid key gets zeros. One fused
     SDPA call (float32, or float64 for float64 inputs)."""
-    acc = _acc_dtype(q)
+    acc, dtype = _acc_dtype(q), q.dtype
     B, H, G, D = q.shape
-    # the callers pass fresh copies (gathered pages, sink + ring), zeroed in place: no third copy
-    hidden = ~valid.unsqueeze(-1)
-    keys = keys.to(acc).masked_fill_(hidden, 0.0)
-    values = values.to(acc).masked_fill_(hidden, 0.0)
+    keys, values = keys.to(acc), values.to(acc)
     # keys shared by a KV head's G query heads stay one copy (SDPA's GQA); per-query-head keys
     # (page selections) are one head each
     shared = keys.shape[2] == 1 and G > 1
+    q = q.to(acc).flatten(1, 2).unsqueeze(2)
+    if keys.device.type == "cpu" and bool(valid.all()):
+        # every key counts (a full streaming window, say): no zeroing, no mask. Asked on the CPU
+        # only, where the answer costs nothing; on a GPU it would be a host sync
+        keys, values = (t.squeeze(2) if shared else t.flatten(1, 2) for t in (keys, values))
+        out = F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=shared)
+        return out.view(B, H, G, D).to(dtype)
+    # the callers pass fresh copies (gathered pages, sink + ring), zeroed in place: no third copy
+    hidden = ~valid.unsqueeze(-1)
+    keys, values = keys.masked_fill_(hidden, 0.0), values.masked_fill_(hidden, 0.0)
     keys, values = (t.squeeze(2) if shared else t.flatten(1, 2) for t in (keys, values))
     mask = valid.expand(B, H, G, -1).flatten(1, 2).unsqueeze(2)          # [B, H*G, 1, N]
     seen = mask.any(-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q.to(acc).flatten(1, 2).unsqueeze(2), keys, values,
-                                         attn_mask=mask | ~seen, scale=scale, enable_gqa=shared)
-    return torch.where(seen, out, 0.0).view(B, H, G, D).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask | ~seen, scale=scale,
+                                         enable_gqa=shared)
+    return torch.where(seen, out, 0.0).view(B, H, G, D).to(dtype)
 
 
 def with_newest_page(pages: torch.Tensor, lengths: torch.Tensor, page_size: int) -> torch.Tensor:
