@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from lserve_hf.benchmarks.common import save_json
+
 
 def offline_tokenizer():
     from tokenizers import ByteLevelBPETokenizer
@@ -31,7 +33,7 @@ def offline_tokenizer():
 
 
 def main(argv=None):
-    from lserve_hf.benchmarks.bench_e2e import build_model
+    from lserve_hf.benchmarks.e2e_child import build_model
     from lserve_hf.calibration import train_gates
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -41,7 +43,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     tok = offline_tokenizer()
-    model = build_model(args.layers)
+    model = build_model(dict(dry_run=False, layers=args.layers, seed=0), "cuda")
     torch.cuda.reset_peak_memory_stats()
     hist = []
     t0 = time.perf_counter()
@@ -54,9 +56,7 @@ def main(argv=None):
                peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                loss=[float(h[1]["loss"]) for h in hist])
     print(json.dumps(res, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+    save_json(args.out, res)
     return 0
 
 

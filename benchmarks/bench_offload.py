@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ from dataclasses import replace
 
 import torch
 
+from lserve_hf.benchmarks.common import save_json
 from lserve_hf.benchmarks.e2e_child import LLAMA3_8B
 
 GIB = 2 ** 30
@@ -323,9 +323,7 @@ def main(argv=None):
             - parts["layer_kv_gib"], memory_peak=f"{mem['prefill_peak_gib']:.1f} GiB" if "prefill_peak_gib" in mem
             else mem.get("skipped", "not run"), **parts)
     print(table(info))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(info, f, indent=2)
+    save_json(args.out, info)
     return 0
 
 

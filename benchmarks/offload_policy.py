@@ -15,11 +15,11 @@ page-selection traces replayed through the page cache's torch reference (CPU, no
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
 
+from lserve_hf.benchmarks.common import save_json
 from lserve_hf.page_cache import PageCache
 
 
@@ -110,9 +110,7 @@ def main(argv=None):
     for r in rows:
         print(f"{r['trace']:<34} {r['slots']:>5} {r['policy']:<10} {r['touched_per_step']:>10.1f} "
               f"{r['hit_rate']:>8.4f} {r['misses_per_step']:>11.2f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
+    save_json(args.out, rows)
     return 0
 
 

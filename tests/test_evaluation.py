@@ -193,3 +193,13 @@ def test_without_matplotlib_the_scores_still_print(embedded, tmp_path, monkeypat
     assert "passkey" in text and "lserve" in text
     assert "No plots: install matplotlib (pip install matplotlib) for the heatmaps." in text
     assert (tmp_path / "results.csv").is_file() and not list(tmp_path.glob("*.png"))
+
+
+def test_selector_option_reaches_the_served_config(embedded, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_mod, "load_model", lambda path, device=None: embedded)
+    out = tmp_path / "eval"
+    for selector in ("reuse", "drift"):
+        assert runner_mod.main(["--tasks", "passkey", "--lengths", "300", "--depths", "0.5", "--methods",
+                                "lserve", "--selector", selector, "--out", str(out), "--no-progress",
+                                "--max-new-tokens", "4"]) == 0
+        assert json.load(open(out / "results.json"))["meta"]["lserve_config"]["selector"] == selector
