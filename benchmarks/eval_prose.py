@@ -11,6 +11,12 @@ length, depth, seed, output, correct) and ``accuracy_vs_length.png`` (one panel 
 against every method, correct answers against context length), and prints the table.
 
     python -m lserve_hf.benchmarks.eval_prose --out eval_prose --device cuda
+
+``--methods`` picks some of them; ``lserve-dynamic`` (not in the default set) is LServe with the
+dynamic prefill of the retrieval heads (``prefill_dynamic=True``), to compare with ``lserve``:
+
+    python -m lserve_hf.benchmarks.eval_prose --methods lserve lserve-dynamic --selectors drift \
+        --budgets default --seeds 0 --out eval_dynamic
 """
 
 from __future__ import annotations
@@ -26,12 +32,20 @@ DEPTHS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
 BUDGETS = ("1/4", "1/8", "default")
 
 
-def methods():
-    """(name, LServeConfig overrides or None for dense, selectors it runs with)."""
-    return [("dense", None, (None,)),
-            ("lserve", dict(streaming_sparsity=0.5), ("drift", "reuse")),
-            ("page-selection-only", dict(streaming_sparsity=0.0), ("drift", "reuse")),
-            ("streaming-only", dict(streaming_sparsity=1.0), (None,))]
+ALL_METHODS = ("dense", "lserve", "page-selection-only", "streaming-only", "lserve-dynamic")
+DEFAULT_METHODS = ALL_METHODS[:4]
+
+
+def methods(names=DEFAULT_METHODS):
+    """(name, LServeConfig overrides or None for dense, selectors it runs with), for ``names``.
+    ``lserve-dynamic``: LServe with the dynamic prefill of the retrieval heads
+    (``prefill_dynamic=True``, its default threshold), the default selector."""
+    every = [("dense", None, (None,)),
+             ("lserve", dict(streaming_sparsity=0.5), ("drift", "reuse")),
+             ("page-selection-only", dict(streaming_sparsity=0.0), ("drift", "reuse")),
+             ("streaming-only", dict(streaming_sparsity=1.0), (None,)),
+             ("lserve-dynamic", dict(streaming_sparsity=0.5, prefill_dynamic=True), ("drift",))]
+    return [m for m in every if m[0] in names]
 
 
 def budget_tokens(budget: str, length: int, page: int = 64) -> int | None:
@@ -41,7 +55,8 @@ def budget_tokens(budget: str, length: int, page: int = 64) -> int | None:
     return max(page, round(length * num / den / page) * page)
 
 
-def run(model, tok, lengths, seeds, depths, budgets, out_dir, device, progress=True):
+def run(model, tok, lengths, seeds, depths, budgets, out_dir, device, progress=True, names=DEFAULT_METHODS,
+        selectors=None):
     import torch
     from tqdm.auto import tqdm
 
@@ -50,7 +65,8 @@ def run(model, tok, lengths, seeds, depths, budgets, out_dir, device, progress=T
 
     records = []
     cases = [make_case(tok, "code", L, d, seed=s, haystack="prose") for L in lengths for s in seeds for d in depths]
-    runs = [(name, over, sel, b) for name, over, sels in methods() for sel in sels
+    runs = [(name, over, sel, b) for name, over, sels in methods(names) for sel in sels
+            if sel is None or selectors is None or sel in selectors
             for b in (budgets if over is not None and over["streaming_sparsity"] < 1 else ("default",))
             if over is not None or b == "default"]
     bar = tqdm(total=len(cases) * len(runs), desc="prose needles", disable=not progress)
@@ -137,6 +153,9 @@ def main(argv=None, prog=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--depths", type=float, nargs="+", default=list(DEPTHS))
     ap.add_argument("--budgets", nargs="+", default=list(BUDGETS), help="fractions of the context, or default")
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=ALL_METHODS)
+    ap.add_argument("--selectors", nargs="+", default=None, choices=["drift", "reuse"],
+                    help="only these selectors of the LServe methods (default: each method's)")
     ap.add_argument("--device", default=None, help="e.g. cuda (bf16 there); default CPU, float32")
     ap.add_argument("--out", default="eval_prose", help="output folder")
     ap.add_argument("--no-progress", action="store_true")
@@ -152,7 +171,8 @@ def main(argv=None, prog=None) -> int:
     model, tok = load_embedded_model(device=args.device, dtype=dtype)
     t0 = time.perf_counter()
     records = run(model, tok, args.lengths, args.seeds, args.depths, args.budgets, args.out,
-                  args.device or "cpu", progress=not args.no_progress)
+                  args.device or "cpu", progress=not args.no_progress, names=args.methods,
+                  selectors=args.selectors)
     print(table(records))
     print(f"\n{len(records)} generations in {time.perf_counter() - t0:.0f} s; "
           f"{os.path.join(args.out, 'prose.json')}")

@@ -58,8 +58,10 @@ class LServeConfig:
 
     Execution:
         backend: "auto" (Triton kernels on CUDA, torch reference elsewhere), "triton" or "torch".
-        prefill_query_block: queries per block in the torch reference prefill; bounds its
-            activation memory to ``heads * block * context`` scores.
+        prefill_query_block: queries per block in the torch reference prefill (default 256); bounds
+            its activation memory to ``heads * block * context`` scores, and a streaming head's
+            block reads only its sink and the window of the block's queries (on 2 CPU cores, 4K
+            prompts of the embedded model prefill 15% faster with 256 than with 1024).
         prefill_chunk_size: a prompt longer than this many tokens is prefilled in chunks of this
             size (each chunk attends to the cache so far), so activation memory stays bounded by the
             chunk, not the prompt. None: one pass. Default 16384.
@@ -111,7 +113,7 @@ class LServeConfig:
     selector_interval: int = 4
     dense_layers: tuple[int, ...] = field(default_factory=tuple)
     backend: str = "auto"
-    prefill_query_block: int = 1024
+    prefill_query_block: int = 256
     prefill_chunk_size: int | None = 16384
     cuda_graphs: bool = True
     prefill_dynamic: bool = False

@@ -122,6 +122,8 @@ def select_pages(q, kmax, kmin, lengths, n_select, cfg, need=None, out=None) -> 
                 raise ValueError("select_pages(need=...) writes into out")
             return kernels.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select,
                                         need=need, out=out)
+    if need is not None and q.device.type == "cpu" and not bool(need.any()):
+        return out    # no head chooses: on the CPU the check costs nothing (on a GPU, a host sync)
     fresh = reference.select_pages(q, kmax, kmin, lengths, cfg.page_size, cfg.logical_page_size, n_select)
     if out is None:
         return fresh
@@ -133,7 +135,7 @@ def query_drift(q, q_ref, lengths, inv_freq, tau, refresh, cfg) -> torch.Tensor:
     """Which query heads drifted from the query that chose their pages (``reference.query_drift``);
     ``q_ref`` keeps the flagged heads' new queries."""
     kernels = _kernels_for(cfg, q)
-    if kernels is not None and q.dtype != torch.float64:
+    if kernels is not None and _supported(cfg, "drift test", q):
         return kernels.query_drift(q, q_ref, lengths, inv_freq, tau, refresh)
     return reference.query_drift(q, q_ref, lengths, inv_freq, tau, refresh)
 
@@ -162,12 +164,15 @@ def decode(q_s, sink_k, sink_v, ring_k, ring_v, q_r, pool_k, pool_v, pages, leng
                                         cfg.decode_sink, cfg.decode_local, cfg.page_size, scale,
                                         out_stream=out_s, out_retr=out_r, newest_page=True)
         return
+    # finite=True: the stores are zero-initialised and hold only the model's keys and values, so
+    # the slots a query does not see need masking, not zeroing
     if q_s.shape[1]:
         out_s.copy_(reference.streaming_decode(q_s, sink_k, sink_v, ring_k, ring_v, lengths, cfg.decode_sink,
-                                               cfg.decode_local, scale, window))
+                                               cfg.decode_local, scale, window, finite=True))
     if q_r.shape[1]:
         at = None
         if located is not None:   # the same column added to the slots (by slot lengths) and the pages
             at = reference.with_newest_page(located[1], lengths, cfg.page_size)
         pages = reference.with_newest_page(pages, lengths if located is None else located[0], cfg.page_size)
-        out_r.copy_(reference.paged_decode(q_r, pool_k, pool_v, pages, lengths, cfg.page_size, scale, window, at))
+        out_r.copy_(reference.paged_decode(q_r, pool_k, pool_v, pages, lengths, cfg.page_size, scale, window, at,
+                                           finite=True))

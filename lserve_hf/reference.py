@@ -196,9 +196,9 @@ def page_summaries(keys: torch.Tensor, lengths: torch.Tensor, logical_page_size:
     Returns (kmax, kmin), each ``[B, H, T // logical_page_size, D]`` in keys' dtype."""
     B, H, T, D = keys.shape
     valid = (torch.arange(T, device=keys.device).view(1, T) < lengths.view(B, 1)).view(B, 1, T, 1)
-    neg = torch.tensor(float("-inf"), dtype=keys.dtype, device=keys.device)
-    kmax = torch.where(valid, keys, neg).view(B, H, T // logical_page_size, logical_page_size, D).amax(3)
-    kmin = torch.where(valid, keys, -neg).view(B, H, T // logical_page_size, logical_page_size, D).amin(3)
+    # Python scalars, not 0-d tensors: no host-to-device copy (these run inside decode graphs too)
+    kmax = torch.where(valid, keys, float("-inf")).view(B, H, T // logical_page_size, logical_page_size, D).amax(3)
+    kmin = torch.where(valid, keys, float("inf")).view(B, H, T // logical_page_size, logical_page_size, D).amin(3)
     return kmax, kmin
 
 
@@ -218,9 +218,9 @@ def update_page_summaries(kmax: torch.Tensor, kmin: torch.Tensor, new_keys: torc
     ok = ((positions.to(kmax.device) >= 0) & (page < NL)).view(B, 1, S, 1)
     idx = page.clamp(0, max(NL - 1, 0)).view(B, 1, S, 1).expand(B, H, S, D)
     new = new_keys.to(kmax.dtype)
-    inf = torch.tensor(float("inf"), dtype=kmax.dtype, device=kmax.device)
-    kmax.scatter_reduce_(2, idx, torch.where(ok, new, -inf), reduce="amax")
-    kmin.scatter_reduce_(2, idx, torch.where(ok, new, inf), reduce="amin")
+    # Python scalars, not 0-d tensors: no host-to-device copy inside a captured decode graph
+    kmax.scatter_reduce_(2, idx, torch.where(ok, new, float("-inf")), reduce="amax")
+    kmin.scatter_reduce_(2, idx, torch.where(ok, new, float("inf")), reduce="amin")
 
 
 def page_scores(q: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, lengths: torch.Tensor,
@@ -289,12 +289,14 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select)
 
 # -- decode -------------------------------------------------------------------------------------
 
-def _one_query_attention(q, keys, values, valid, scale) -> torch.Tensor:
+def _one_query_attention(q, keys, values, valid, scale, finite=False) -> torch.Tensor:
     """One query per (row, KV head, query head) against its own keys: q ``[B, H, G, D]``, keys and
     values ``[B, H, G or 1, N, D]``, valid ``[B, H, G or 1, N]``. Keys and values outside
     ``valid`` may hold anything (even NaN): they are zeroed first (in place: keys and values must
-    be the caller's own copies), then masked. A query with no valid key gets zeros. One fused
-    SDPA call (float32, or float64 for float64 inputs)."""
+    be the caller's own copies), then masked; with ``finite`` they are known to be finite (the
+    serving stores: zero-initialised, written only with the model's keys and values), so the mask
+    alone gives them weight exactly 0. A query with no valid key gets zeros. One fused SDPA call
+    (float32, or float64 for float64 inputs)."""
     acc, dtype = _acc_dtype(q), q.dtype
     B, H, G, D = q.shape
     keys, values = keys.to(acc), values.to(acc)
@@ -309,8 +311,9 @@ def _one_query_attention(q, keys, values, valid, scale) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=shared)
         return out.view(B, H, G, D).to(dtype)
     # the callers pass fresh copies (gathered pages, sink + ring), zeroed in place: no third copy
-    hidden = ~valid.unsqueeze(-1)
-    keys, values = keys.masked_fill_(hidden, 0.0), values.masked_fill_(hidden, 0.0)
+    if not finite:
+        hidden = ~valid.unsqueeze(-1)
+        keys, values = keys.masked_fill_(hidden, 0.0), values.masked_fill_(hidden, 0.0)
     keys, values = (t.squeeze(2) if shared else t.flatten(1, 2) for t in (keys, values))
     mask = valid.expand(B, H, G, -1).flatten(1, 2).unsqueeze(2)          # [B, H*G, 1, N]
     seen = mask.any(-1, keepdim=True)
@@ -329,14 +332,15 @@ def with_newest_page(pages: torch.Tensor, lengths: torch.Tensor, page_size: int)
 
 
 def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=None,
-                 token_pages=None) -> torch.Tensor:
+                 token_pages=None, finite=False) -> torch.Tensor:
     """Attention of one query per head over selected pages only.
 
     q ``[B, Hkv, G, D]``; pools ``[B, Hkv, T, D]``; pages int ``[B, Hkv, G, K]`` (-1 or an index
     past the row's pages means an empty slot). Reads only the gathered pages. Returns
     ``[B, Hkv, G, D]`` in q's dtype. ``window`` (Mistral's sliding window) hides tokens older than
     the newest ``window``. ``token_pages``: the page of the sequence each entry of ``pages`` holds,
-    when ``pages`` index a page cache (offload) rather than the pool."""
+    when ``pages`` index a page cache (offload) rather than the pool. ``finite``: every pool slot
+    holds a finite value (``_one_query_attention``)."""
     B, Hkv, T, D = pool_k.shape
     P = T // page_size
     G, K = pages.shape[2], pages.shape[3]
@@ -350,25 +354,30 @@ def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=Non
         valid = valid & (tok >= end - window)
     # whole pages copied as rows of page_size * D values (one index_select), not key by key
     pool_k, pool_v = pool_k[:, :, :P * page_size], pool_v[:, :, :P * page_size]
-    rows = pages.clamp(0, P - 1) + P * torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1, 1)
+    # an empty slot copies some page of its row, masked all the same: in a pool the newest, which
+    # the step reads anyway, so nothing outside the selection is touched
+    newest = ((lengths - 1).clamp(min=0) // page_size).clamp(max=P - 1).view(B, 1, 1, 1)
+    rows = torch.where(slot_ok, pages, newest) + P * torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1, 1)
     keys = pool_k.reshape(B * Hkv * P, page_size * D).index_select(0, rows.flatten())
     values = pool_v.reshape(B * Hkv * P, page_size * D).index_select(0, rows.flatten())
     keys, values = (t.view(B, Hkv, G, K * page_size, D) for t in (keys, values))
-    return _one_query_attention(q, keys, values, valid.flatten(3), scale)
+    return _one_query_attention(q, keys, values, valid.flatten(3), scale, finite)
 
 
-def streaming_decode(q, sink_k, sink_v, ring_k, ring_v, lengths, sink, local, scale, window=None) -> torch.Tensor:
+def streaming_decode(q, sink_k, sink_v, ring_k, ring_v, lengths, sink, local, scale, window=None,
+                     finite=False) -> torch.Tensor:
     """Attention of one query per streaming head over its sink buffer and ring buffer.
 
     q ``[B, Hkv, G, D]``; sink buffers ``[B, Hkv, <= sink, D]``; ring buffers ``[B, Hkv, <= local,
     D]`` (fewer slots while no row can fill them); lengths ``[B]`` counts the current token.
-    Returns ``[B, Hkv, G, D]``."""
+    ``finite``: every slot holds a finite value (``_one_query_attention``). Returns
+    ``[B, Hkv, G, D]``."""
     B = q.shape[0]
     keys = torch.cat([sink_k, ring_k], dim=2).unsqueeze(2)
     vals = torch.cat([sink_v, ring_v], dim=2).unsqueeze(2)
     valid = streaming_decode_slots(lengths, sink, local, window,
                                    (sink_k.shape[2], ring_k.shape[2])).view(B, 1, 1, -1)
-    return _one_query_attention(q, keys, vals, valid.expand(B, q.shape[1], 1, -1), scale)
+    return _one_query_attention(q, keys, vals, valid.expand(B, q.shape[1], 1, -1), scale, finite)
 
 
 def positional_attention(q, k, v, q_pos, k_pos, sink=None, local=None, scale=None, window=None) -> torch.Tensor:

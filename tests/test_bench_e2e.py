@@ -51,8 +51,11 @@ def test_dry_run_every_method(tmp_path, capsys, monkeypatch):
             assert r["ttft_s"] > 0 and r["fwd_decode_ms"] > 0 and isinstance(r["tpot_ms"], float)
             assert r["new_length"] == bench_e2e.new_length(320) and r["new_length"] % 2
     static = [r for r in runs if r["method"] == "static-compile"]
-    assert all(r["dynamo_graphs"] >= 1 and r["dynamo_graph_breaks"] == 0 and r["compiles"]["warm-up"] >= 1
-               for r in static)
+    # one graph, no break; its compile comes in the first run's warm-up (a later run in the same
+    # process may find it in dynamo's cache)
+    assert all(r["dynamo_graphs"] >= 1 and r["dynamo_graph_breaks"] == 0 for r in static) and \
+        static[0]["compiles"]["warm-up"] >= 1, [(r["dynamo_graphs"], r["dynamo_graph_breaks"], r["compiles"])
+                                                for r in static]
     summary = {r["method"]: r for r in doc["summary"]}
     assert (summary["sdpa-cudnn"]["reps"], summary["sdpa-cudnn"]["runs"]) == (1, 2)
     tpot = summary["lserve"]["tpot_ms"]

@@ -6,7 +6,7 @@ import torch
 from lserve_hf import LServeConfig, patch_model, unpatch_model
 from lserve_hf.passkey import answer_matches, passkey_prompt
 
-DEPTHS = (0.25, 0.4, 0.5, 0.6, 0.75)
+DEPTHS = (0.25, 0.5, 0.75)
 
 
 def generate(model, tok, text, n):
@@ -73,7 +73,7 @@ def test_passkey_3k_half_streaming_heads_with_shipped_pattern_matches_dense(embe
     prompts, dense = passkeys_3k
     small = dict(token_budget=512, prefill_local=256, decode_local=256)
     assert passkey_results(embedded, prompts, LServeConfig(streaming_sparsity=0.5, **small)) == dense
-    assert sum(passkey_results(embedded, prompts, LServeConfig(streaming_sparsity=1.0, **small))) <= 2
+    assert sum(passkey_results(embedded, prompts, LServeConfig(streaming_sparsity=1.0, **small))) <= 1
 
 
 PROSE_DEPTHS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)

@@ -580,6 +580,26 @@ def test_serving_select_falls_back_to_the_reference(kernels_everywhere):
         assert (len(calls) > n) == kernel
 
 
+@pytest.mark.parametrize("D, kernel", [(64, True), (96, False)])
+def test_serving_drift_test_falls_back_to_the_reference(kernels_everywhere, D, kernel):
+    """lserve_hf.ops.query_drift runs the kernel for a head dim it takes and the reference for
+    one it does not (96: its halves are not a power of two), with the same flags and queries."""
+    from lserve_hf import LServeConfig, kernels, ops
+
+    calls = []
+    kernels_everywhere.setattr(kernels, "query_drift", lambda *a, **k: calls.append(1) or PS.query_drift(*a, **k))
+    torch.manual_seed(39)
+    q = _randn(2, 2, 3, D, dtype=torch.float32)
+    L = torch.tensor([500, 37], device=DEV)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, D, 2, device=DEV).float() / D))).contiguous()
+    ref0 = torch.nn.functional.normalize(torch.randn(2, 2, 3, D, device=DEV), dim=-1)
+    a, b = ref0.clone(), ref0.clone()
+    got = ops.query_drift(q, a, L, inv_freq, 0.8, False, LServeConfig())
+    want = R.query_drift(q, b, L, inv_freq, 0.8, False)
+    assert torch.equal(got.bool(), want) and torch.allclose(a, b, atol=1e-5)
+    assert bool(calls) == kernel
+
+
 def test_float64_model_never_reaches_a_kernel(monkeypatch):
     """With the kernels switched on, a float64 model's chunked prefill and decode steps (page
     selection past the budget included) take the torch path, so no kernel raises and the logits
