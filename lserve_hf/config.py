@@ -60,8 +60,8 @@ class LServeConfig:
         backend: "auto" (Triton kernels on CUDA, torch reference elsewhere), "triton" or "torch".
         prefill_query_block: queries per block in the torch reference prefill (default 256); bounds
             its activation memory to ``heads * block * context`` scores, and a streaming head's
-            block reads only its sink and the window of the block's queries (on 2 CPU cores, 4K
-            prompts of the embedded model prefill 15% faster with 256 than with 1024).
+            block reads only its sink and the window of the block's queries, so smaller blocks
+            waste less of its work (CPU timings: BENCHMARKS.md, ``benchmarks/bench_cpu.py``).
         prefill_chunk_size: a prompt longer than this many tokens is prefilled in chunks of this
             size (each chunk attends to the cache so far), so activation memory stays bounded by the
             chunk, not the prompt. None: one pass. Default 16384.

@@ -162,3 +162,22 @@ def test_refusals(capsys):
         else:
             with pytest.raises(SystemExit, match=f"{flags[0]} sets LServeConfig fields .*{fields[0]}"):
                 bench_e2e.resolve(args)
+
+
+def test_cpu_benchmark_times_every_step_of_one_generate():
+    """bench_cpu's figures come from one generate() call: a stamp per new token, so TTFT covers
+    the prefill and TPOT the steps after it, on a patched model as on a dense one."""
+    from conftest import tiny_llama
+    from lserve_hf import patch_model
+    from lserve_hf.benchmarks import bench_cpu
+
+    model = tiny_llama()
+    x = {"input_ids": torch.randint(1, 100, (1, 90), generator=torch.Generator().manual_seed(0))}
+    for patched in (False, True):
+        if patched:
+            patch_model(model, LServeConfig(streaming_sparsity=0.0, token_budget=32, page_size=16,
+                                            logical_page_size=4))
+        stamps = bench_cpu._Stamps()
+        ttft, tpot = bench_cpu.run_once(model, x, 5, stamps)
+        assert len(stamps.times) == 5 and ttft > 0 and tpot > 0
+        assert tpot == pytest.approx((stamps.times[-1] - stamps.times[0]) / 4 * 1e3)
