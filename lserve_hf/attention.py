@@ -122,13 +122,21 @@ def _decode(query, layer, cache, fwd, plan, cfg, scale, window, want_weights=Fal
     o_s, o_r = out.narrow(1, 0, q_s.shape[1]), out.narrow(1, q_s.shape[1], q_r.shape[1])
     lengths = cache.lengths_on(q.device)
     if q_r.shape[1]:
-        pages = layer.selector.read_list(q_r, layer.pool, lengths, fwd.selects)
+        pages = layer.selector.read_list(q_r, layer.pool, lengths, fwd.selects, fwd.memo)
     else:
         pages = q.new_zeros(B, 0, q.shape[2], 1, dtype=torch.long)
     s = layer.streaming
     pool_k, pool_v, read, located = layer.pool.decode_view(pages, lengths)   # offload: the GPU page cache
+    slots = None
+    if q_s.shape[1] and not ops.kernels_run(cfg, q):
+        # the sink/ring slots a streaming head sees follow the row lengths only: alike in every layer
+        key = ("streaming slots", s.slots, window)
+        slots = fwd.memo.get(key)
+        if slots is None:
+            slots = fwd.memo[key] = streaming_decode_slots(lengths, cfg.decode_sink, cfg.decode_local, window,
+                                                           s.slots)
     ops.decode(q_s, s.sink_k, s.sink_v, s.ring_k, s.ring_v, q_r, pool_k, pool_v, read,
-               lengths, cfg, scale, o_s, o_r, window, fwd.longest, located)
+               lengths, cfg, scale, o_s, o_r, window, fwd.longest, located, stream_slots=slots)
     weights = None
     if want_weights:
         weights = plan.unsort(decode_weights(q_s, q_r, layer, cache, pages, fwd, cfg, scale, window))

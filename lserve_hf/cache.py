@@ -148,16 +148,19 @@ class LServeLayer(CacheLayerMixin):
         counts them)."""
         B, H, S, D = k.shape
         lengths = cache.lengths_on(k.device)
-        pos = lengths.view(B, 1) - S + torch.arange(S, device=k.device).view(1, S)
+        # a CPU decode step whose rows all hold as many tokens writes at one host position: a copy
+        # per store, no scatter indices (nothing is captured in a graph there)
+        at = fwd.longest - 1 if S == 1 and fwd.uniform and k.device.type == "cpu" else None
+        pos = None if at is not None else lengths.view(B, 1) - S + torch.arange(S, device=k.device).view(1, S)
         ks, kr = self.plan.sort_by_kind(k)
         vs, vr = self.plan.sort_by_kind(v)
         self.reserve(fwd.longest, lengths - S)
         if kr.shape[1]:
-            self.pool.append(kr, vr, pos)
+            self.pool.append(kr, vr, pos, at=at)
         if ks.shape[1]:
             if S > 1 and cache.record_past and self.streaming.keep_undo(fwd.longest - S):
                 self.epoch += 1     # graphs captured before the undo log would not write it
-            self.streaming.append(ks, vs, pos, past_sink=cache.step.shortest >= self.streaming.sink)
+            self.streaming.append(ks, vs, pos, past_sink=cache.step.shortest >= self.streaming.sink, at=at)
 
     def reserve(self, longest: int, stored: torch.Tensor, min_step: int = 0) -> None:
         """Make room for rows of ``longest`` tokens before they are written (outside a captured

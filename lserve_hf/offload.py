@@ -187,10 +187,13 @@ class HostPagePool(PagePool):
             self.cache.grow_table((cap + extra) // self.config.page_size)
         return True
 
-    def append(self, kr: torch.Tensor, vr: torch.Tensor, pos: torch.Tensor) -> None:
-        """S new tokens per row at positions ``pos`` ``[B, S]``: to host memory, their keys into
-        the summaries, and a decode token to the newest page's slot. Several tokens may open
-        pages, so the cache forgets its pages then (the next lookup loads what it reads)."""
+    def append(self, kr: torch.Tensor, vr: torch.Tensor, pos: torch.Tensor | None, at: int | None = None) -> None:
+        """S new tokens per row at positions ``pos`` ``[B, S]`` (or the host position ``at`` of
+        every row's one token): to host memory, their keys into the summaries, and a decode
+        token to the newest page's slot. Several tokens may open pages, so the cache forgets its
+        pages then (the next lookup loads what it reads)."""
+        if pos is None:
+            pos = torch.full((kr.shape[0], 1), at, dtype=torch.long, device=kr.device)
         self._gpu_after_copy()
         if self.kmax is not None:
             ops.update_summaries(self.kmax, self.kmin, kr, pos, self.config)

@@ -131,24 +131,32 @@ def select_pages(q, kmax, kmin, lengths, n_select, cfg, need=None, out=None) -> 
     return out
 
 
-def query_drift(q, q_ref, lengths, inv_freq, tau, refresh, cfg) -> torch.Tensor:
+def query_drift(q, q_ref, lengths, inv_freq, tau, refresh, cfg, memo=None) -> torch.Tensor:
     """Which query heads drifted from the query that chose their pages (``reference.query_drift``);
-    ``q_ref`` keeps the flagged heads' new queries."""
+    ``q_ref`` keeps the flagged heads' new queries. ``memo``: the forward's memo
+    (``step.Forward.memo``), where the torch path keeps the step's RoPE angles for every layer."""
     kernels = _kernels_for(cfg, q)
     if kernels is not None and _supported(cfg, "drift test", q):
         return kernels.query_drift(q, q_ref, lengths, inv_freq, tau, refresh)
-    return reference.query_drift(q, q_ref, lengths, inv_freq, tau, refresh)
+    rotation = None
+    if memo is not None:
+        key = ("rope rotation", inv_freq.data_ptr(), inv_freq.numel(), lengths.data_ptr())
+        rotation = memo.get(key)
+        if rotation is None:
+            rotation = memo[key] = reference.rope_rotation(lengths - 1, inv_freq)
+    return reference.query_drift(q, q_ref, lengths, inv_freq, tau, refresh, rotation)
 
 
 def decode(q_s, sink_k, sink_v, ring_k, ring_v, q_r, pool_k, pool_v, pages, lengths, cfg, scale,
-           out_s, out_r, window=None, longest=0, located=None) -> None:
+           out_s, out_r, window=None, longest=0, located=None, stream_slots=None) -> None:
     """Decode attention of streaming heads (sink + ring) and retrieval heads (the ``pages`` of
     their selection, and the row's newest page), into ``out_s`` ``[B, Hs, G, D]`` and ``out_r``
     ``[B, Hr, G, D]``. ``longest``: the host's longest
     row, to know whether Mistral's ``window`` can hide a token (the kernel has no window).
     ``located``: (slot lengths, physical pages) when ``pool_k``/``pool_v`` are an offloaded
     pool's page cache and ``pages`` its slots (``HostPagePool.decode_view``): the newest page is
-    then the last slot, which the slot lengths end in."""
+    then the last slot, which the slot lengths end in. ``stream_slots``: the torch path's
+    ``streaming_decode_slots`` of this step, when the caller has them."""
     q = q_s if q_s.shape[1] else q_r
     kernels = _kernels_for(cfg, q)
     if kernels is not None and window is not None and longest > window:
@@ -168,7 +176,7 @@ def decode(q_s, sink_k, sink_v, ring_k, ring_v, q_r, pool_k, pool_v, pages, leng
     # the slots a query does not see need masking, not zeroing
     if q_s.shape[1]:
         out_s.copy_(reference.streaming_decode(q_s, sink_k, sink_v, ring_k, ring_v, lengths, cfg.decode_sink,
-                                               cfg.decode_local, scale, window, finite=True))
+                                               cfg.decode_local, scale, window, finite=True, valid=stream_slots))
     if q_r.shape[1]:
         at = None
         if located is not None:   # the same column added to the slots (by slot lengths) and the pages

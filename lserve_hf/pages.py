@@ -108,10 +108,20 @@ class PagePool:
         the lengths and pages that locate their tokens (``offload.HostPagePool.decode_view``)."""
         return self.pool_k, self.pool_v, pages, None
 
-    def append(self, kr: torch.Tensor, vr: torch.Tensor, pos: torch.Tensor) -> None:
+    def append(self, kr: torch.Tensor, vr: torch.Tensor, pos: torch.Tensor | None, at: int | None = None) -> None:
         """Write S new tokens per row at token positions ``pos`` ``[B, S]`` and fold their keys
-        into the summaries (the pool must already hold them: :meth:`grow`)."""
+        into the summaries (the pool must already hold them: :meth:`grow`). ``at``: instead of
+        ``pos``, the one position of every row's single new token, known on the host."""
         B, Hr, S, D = kr.shape
+        if at is not None:
+            self.pool_k[:, :, at].copy_(kr[:, :, 0])
+            self.pool_v[:, :, at].copy_(vr[:, :, 0])
+            if self.kmax is not None:
+                lp = at // self.config.logical_page_size
+                new = kr[:, :, 0].to(self.kmax.dtype)
+                self.kmax[:, :, lp] = torch.maximum(self.kmax[:, :, lp], new)
+                self.kmin[:, :, lp] = torch.minimum(self.kmin[:, :, lp], new)
+            return
         idx = pos.view(B, 1, S, 1).expand(B, Hr, S, D)
         self.pool_k.scatter_(2, idx, kr)
         self.pool_v.scatter_(2, idx, vr)

@@ -243,24 +243,32 @@ def page_scores(q: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor, lengths
     return logical.view(B, Hkv, -1, NL // lpp, lpp).amax(-1)
 
 
-def unrope(q: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Queries ``[B, H, G, D]`` rotated back from RoPE at ``positions`` ``[B]`` (Llama's
-    rotate-half convention; ``inv_freq`` ``[D / 2]`` the model's frequencies), in float32."""
-    B, D = q.shape[0], q.shape[-1]
+def rope_rotation(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) ``[B, 1, 1, D]`` of RoPE's angles at ``positions`` ``[B]`` (rotate-half layout)."""
+    B = positions.shape[0]
     angle = positions.float().view(B, 1) * inv_freq.view(1, -1)
-    angle = torch.cat([angle, angle], -1).view(B, 1, 1, D)
+    angle = torch.cat([angle, angle], -1).view(B, 1, 1, -1)
+    return angle.cos(), angle.sin()
+
+
+def unrope(q: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rotation=None) -> torch.Tensor:
+    """Queries ``[B, H, G, D]`` rotated back from RoPE at ``positions`` ``[B]`` (Llama's
+    rotate-half convention; ``inv_freq`` ``[D / 2]`` the model's frequencies), in float32.
+    ``rotation``: ``rope_rotation(positions, inv_freq)``, when the caller has it."""
+    cos, sin = rope_rotation(positions, inv_freq) if rotation is None else rotation
     q = q.float()
-    half = D // 2
+    half = q.shape[-1] // 2
     rotated = torch.cat([-q[..., half:], q[..., :half]], -1)
-    return q * angle.cos() - rotated * angle.sin()
+    return q * cos - rotated * sin
 
 
-def query_drift(q, q_ref, lengths, inv_freq, tau, refresh) -> torch.Tensor:
+def query_drift(q, q_ref, lengths, inv_freq, tau, refresh, rotation=None) -> torch.Tensor:
     """Which query heads of q ``[B, H, G, D]`` drifted, bool ``[B, H, G]``: the cosine of their
     query before RoPE (at the row's position ``lengths - 1``) with ``q_ref`` (unit vectors,
     fp32) is under ``tau``; every head with ``refresh``. The flagged heads' queries (unit
-    length) replace theirs in ``q_ref``, in place."""
-    now = unrope(q, lengths - 1, inv_freq)
+    length) replace theirs in ``q_ref``, in place. ``rotation``: ``rope_rotation(lengths - 1,
+    inv_freq)``, when the caller has it."""
+    now = unrope(q, lengths - 1, inv_freq, rotation)
     now = now * torch.rsqrt((now * now).sum(-1, keepdim=True).clamp_min(1e-30))
     need = torch.ones(q.shape[:3], dtype=torch.bool, device=q.device) if refresh else \
         (now * q_ref).sum(-1) < tau
@@ -317,6 +325,9 @@ def _one_query_attention(q, keys, values, valid, scale, finite=False) -> torch.T
     keys, values = (t.squeeze(2) if shared else t.flatten(1, 2) for t in (keys, values))
     mask = valid.expand(B, H, G, -1).flatten(1, 2).unsqueeze(2)          # [B, H*G, 1, N]
     seen = mask.any(-1, keepdim=True)
+    if keys.device.type == "cpu" and bool(seen.all()):    # every query sees a key (as at decode)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=shared)
+        return out.view(B, H, G, D).to(dtype)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask | ~seen, scale=scale,
                                          enable_gqa=shared)
     return torch.where(seen, out, 0.0).view(B, H, G, D).to(dtype)
@@ -344,20 +355,25 @@ def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=Non
     B, Hkv, T, D = pool_k.shape
     P = T // page_size
     G, K = pages.shape[2], pages.shape[3]
-    slot_ok = (pages >= 0) & (pages < P)
+    empty = (pages < 0) | (pages >= P)                                    # [B, Hkv, G, K]
     within = torch.arange(page_size, device=q.device)
-    slot_tok = pages.clamp(0, P - 1).unsqueeze(-1) * page_size + within   # where each key is stored
-    tok = slot_tok if token_pages is None else token_pages.unsqueeze(-1) * page_size + within  # its position
     end = lengths.view(B, 1, 1, 1, 1)
-    valid = slot_ok.unsqueeze(-1) & (tok < end)                           # [B, Hkv, G, K, page]
-    if window is not None:
-        valid = valid & (tok >= end - window)
+    if token_pages is None and window is None:
+        # an empty slot's tokens are placed past the pool, where no row has a token
+        valid = (torch.where(empty, P, pages).unsqueeze(-1) * page_size + within) < end   # [B, Hkv, G, K, page]
+    else:
+        tok = pages.unsqueeze(-1) * page_size + within if token_pages is None else \
+            token_pages.unsqueeze(-1) * page_size + within                # each key's position
+        valid = ~empty.unsqueeze(-1) & (tok < end)
+        if window is not None:
+            valid = valid & (tok >= end - window)
     # whole pages copied as rows of page_size * D values (one index_select), not key by key
-    pool_k, pool_v = pool_k[:, :, :P * page_size], pool_v[:, :, :P * page_size]
+    if T != P * page_size:
+        pool_k, pool_v = pool_k[:, :, :P * page_size], pool_v[:, :, :P * page_size]
     # an empty slot copies some page of its row, masked all the same: in a pool the newest, which
     # the step reads anyway, so nothing outside the selection is touched
     newest = ((lengths - 1).clamp(min=0) // page_size).clamp(max=P - 1).view(B, 1, 1, 1)
-    rows = torch.where(slot_ok, pages, newest) + P * torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1, 1)
+    rows = torch.where(empty, newest, pages) + P * torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1, 1)
     keys = pool_k.reshape(B * Hkv * P, page_size * D).index_select(0, rows.flatten())
     values = pool_v.reshape(B * Hkv * P, page_size * D).index_select(0, rows.flatten())
     keys, values = (t.view(B, Hkv, G, K * page_size, D) for t in (keys, values))
@@ -365,18 +381,19 @@ def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=Non
 
 
 def streaming_decode(q, sink_k, sink_v, ring_k, ring_v, lengths, sink, local, scale, window=None,
-                     finite=False) -> torch.Tensor:
+                     finite=False, valid=None) -> torch.Tensor:
     """Attention of one query per streaming head over its sink buffer and ring buffer.
 
     q ``[B, Hkv, G, D]``; sink buffers ``[B, Hkv, <= sink, D]``; ring buffers ``[B, Hkv, <= local,
     D]`` (fewer slots while no row can fill them); lengths ``[B]`` counts the current token.
-    ``finite``: every slot holds a finite value (``_one_query_attention``). Returns
-    ``[B, Hkv, G, D]``."""
+    ``finite``: every slot holds a finite value (``_one_query_attention``). ``valid``: the
+    slots' ``streaming_decode_slots``, when the caller has them. Returns ``[B, Hkv, G, D]``."""
     B = q.shape[0]
     keys = torch.cat([sink_k, ring_k], dim=2).unsqueeze(2)
     vals = torch.cat([sink_v, ring_v], dim=2).unsqueeze(2)
-    valid = streaming_decode_slots(lengths, sink, local, window,
-                                   (sink_k.shape[2], ring_k.shape[2])).view(B, 1, 1, -1)
+    if valid is None:
+        valid = streaming_decode_slots(lengths, sink, local, window, (sink_k.shape[2], ring_k.shape[2]))
+    valid = valid.view(B, 1, 1, -1)
     return _one_query_attention(q, keys, vals, valid.expand(B, q.shape[1], 1, -1), scale, finite)
 
 

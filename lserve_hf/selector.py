@@ -35,9 +35,10 @@ class PageSelector:
         self.pages = None
         self.q_ref = None
 
-    def read_list(self, q: torch.Tensor, pool, lengths: torch.Tensor, selects: bool) -> torch.Tensor:
+    def read_list(self, q: torch.Tensor, pool, lengths: torch.Tensor, selects: bool, memo=None) -> torch.Tensor:
         """The pages the decode step of queries ``q`` ``[B, Hr, G, D]`` reads besides the newest
-        one, ``[B, Hr, G, K]``. ``selects``: a refresh (every head chooses afresh)."""
+        one, ``[B, Hr, G, K]``. ``selects``: a refresh (every head chooses afresh). ``memo``: the
+        forward's memo (``step.Forward.memo``), for what every layer's torch path computes alike."""
         B, Hr, G, D = q.shape
         cfg = self.config
         if self.dense:
@@ -55,7 +56,7 @@ class PageSelector:
                 self.q_ref = torch.zeros(B, Hr, G, D, dtype=torch.float32, device=q.device)
                 first = True
             need = ops.query_drift(q, self.q_ref, lengths, self._frequencies(q), cfg.selector_drift,
-                                   selects or first, cfg)
+                                   selects or first, cfg, memo)
             ops.select_pages(q, pool.kmax, pool.kmin, lengths, K, cfg, need=need, out=self.pages)
         elif selects or first:
             ops.select_pages(q, pool.kmax, pool.kmin, lengths, K, cfg, out=self.pages)

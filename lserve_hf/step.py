@@ -19,7 +19,7 @@ the same way for an eager step and a replay.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,11 @@ class Forward:
     before: int          # positions fed before it (generate()'s count)
     longest: int         # host max over rows of tokens stored once it has run
     selects: bool        # a decode step that chooses its pages (else it reuses them)
+    uniform: bool = False   # every row held as many tokens before it: row b's new tokens sit at
+    #                         token positions longest - new .. longest - 1, a host fact
+    # what every layer of this forward computes alike on the torch path (masks of the stores'
+    # slots), computed by the first layer: the torch path's per-layer work is mostly small ops
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 class DecodeStep:
@@ -77,7 +82,8 @@ class DecodeStep:
             kind, longest = "prefill", new
         else:
             kind, longest = ("decode" if new == 1 else "extend"), self.longest + new
-        self.current = Forward(kind, new, self.seen, longest, kind == "decode" and self.selects_next())
+        self.current = Forward(kind, new, self.seen, longest, kind == "decode" and self.selects_next(),
+                               uniform=kind in ("decode", "extend") and self.shortest == self.longest)
         return self.current
 
     @contextmanager

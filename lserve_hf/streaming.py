@@ -131,12 +131,25 @@ class StreamingStore:
         self.undo_from = stored
         return True
 
-    def append(self, ks: torch.Tensor, vs: torch.Tensor, pos: torch.Tensor, past_sink: bool) -> None:
+    def append(self, ks: torch.Tensor, vs: torch.Tensor, pos: torch.Tensor | None, past_sink: bool,
+               at: int | None = None) -> None:
         """Write S new tokens per row at token positions ``pos`` ``[B, S]``. ``past_sink``: every
-        row already holds ``sink`` tokens (a host fact), so the sink buffer is not touched."""
+        row already holds ``sink`` tokens (a host fact), so the sink buffer is not touched.
+        ``at``: instead of ``pos``, the one position of every row's single new token (host)."""
         B, Hs, S, D = ks.shape
         self.before_chunk = (self.ring_k.clone(), self.ring_v.clone()) if S > 1 else None
         n_sink = self.sink_k.shape[2]
+        if at is not None:
+            if at < n_sink:
+                self.sink_k[:, :, at].copy_(ks[:, :, 0])
+                self.sink_v[:, :, at].copy_(vs[:, :, 0])
+            slot = at % self.local
+            if self.undo_k is not None:
+                self.undo_k[:, :, at % self.UNDO_TOKENS].copy_(self.ring_k[:, :, slot])
+                self.undo_v[:, :, at % self.UNDO_TOKENS].copy_(self.ring_v[:, :, slot])
+            self.ring_k[:, :, slot].copy_(ks[:, :, 0])
+            self.ring_v[:, :, slot].copy_(vs[:, :, 0])
+            return
         if n_sink and not past_sink:
             in_sink = (pos < n_sink).view(B, 1, S, 1)
             slot = pos.clamp(max=n_sink - 1).view(B, 1, S, 1).expand(B, Hs, S, D)

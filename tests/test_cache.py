@@ -113,3 +113,36 @@ def test_a_short_prompt_holds_no_more_kv_than_dense(embedded):
     # the full 128 + 256 slots of the window
     layer = sparse.past_key_values.layers[0]
     assert sum(layer.streaming.slots) <= 2 * 64 and kv_bytes(sparse.past_key_values, reserved=True) <= 2.5 * d
+
+
+def test_a_decode_token_at_a_host_position_writes_what_the_scattered_write_does():
+    """A CPU decode step of rows that all hold as many tokens writes its token at one host
+    position (``at``): the sink, ring, undo log, pool and summaries end as the scattered
+    write of the same token leaves them, across the sink's end, ring wrap-arounds and
+    page boundaries."""
+    from lserve_hf.pages import PagePool
+    from lserve_hf.streaming import StreamingStore
+
+    g = torch.Generator().manual_seed(5)
+    B, H, D, T = 2, 3, 8, 41
+    prompt_k, prompt_v = torch.randn(B, H, 2, D, generator=g), torch.randn(B, H, 2, D, generator=g)
+    new = [(torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)) for _ in range(T)]
+    stores = []
+    for host in (False, True):
+        s = StreamingStore(sink=4, local=8)
+        s.fill(prompt_k, prompt_v, torch.tensor([2, 2]), slots=T + 2)
+        s.keep_undo(2)
+        p = PagePool(CFG)
+        p.allocate(prompt_k, H, T + 2)
+        p.write(prompt_k, prompt_v, 0, 2)
+        p.summarize(torch.tensor([2, 2]), longest=40)           # past the budget: summaries kept
+        for i, (k, v) in enumerate(new):
+            at = 2 + i
+            pos = None if host else torch.full((B, 1), at)
+            s.append(k, v, pos, past_sink=at >= 4, at=at if host else None)
+            p.append(k, v, pos, at=at if host else None)
+        stores.append({**s.tensors(), **p.tensors()})
+    assert stores[0].keys() == stores[1].keys()
+    for name in stores[0]:
+        assert torch.equal(stores[0][name], stores[1][name]), name
+    assert torch.isfinite(stores[1]["kmax"][:, :, :(T + 2) // 4]).all()      # every page summarised
