@@ -130,7 +130,7 @@ def _decode(query, layer, cache, fwd, plan, cfg, scale, window, want_weights=Fal
     slots = None
     if q_s.shape[1] and not ops.kernels_run(cfg, q):
         # the sink/ring slots a streaming head sees follow the row lengths only: alike in every layer
-        key = ("streaming slots", s.slots, window)
+        key = ("streaming slots", s.slots, window, lengths.data_ptr())   # layers may sit on several devices
         slots = fwd.memo.get(key)
         if slots is None:
             slots = fwd.memo[key] = streaming_decode_slots(lengths, cfg.decode_sink, cfg.decode_local, window,
