@@ -7,11 +7,13 @@ TPOT = (last stamp - first stamp) / (new tokens - 1). Dense and LServe alternate
 (the order reversed every repetition); medians and the spread (min-max) over ``--reps``.
 
     python -m lserve_hf.benchmarks.bench_cpu --lengths 4096 7000 --reps 3 --out cpu.json
+    python -m lserve_hf.benchmarks.bench_cpu --lengths 4096 --count-ops
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -41,6 +43,29 @@ def run_once(model, x, new_tokens, stamps=None):
     return t[0] - t0, (t[-1] - t[0]) / (len(t) - 1) * 1e3
 
 
+def decode_ops(model, x, steps: int = 4) -> float:
+    """Tensor operations dispatched per decode step (a ``TorchDispatchMode`` counts them) after a
+    prefill of ``x`` and one warm step: what the per-layer Python work of a CPU decode step
+    scales with, free of the timing noise of a shared machine."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        out = model(**x, use_cache=True, logits_to_keep=1)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for i in range(steps + 1):
+            with Count() if i else contextlib.nullcontext():
+                out = model(token, past_key_values=cache, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+    return Count.n / steps
+
+
 def main(argv=None, prog=None) -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -49,6 +74,8 @@ def main(argv=None, prog=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=17, help="tokens generated per call")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="JSON of every run and the medians")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="instead of timing, count the tensor operations of a decode step")
     args = ap.parse_args(argv)
 
     from lserve_hf import load_embedded_model, patch_model, unpatch_model
@@ -57,6 +84,17 @@ def main(argv=None, prog=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_embedded_model()
+    if args.count_ops:
+        for n in args.lengths:
+            x = tok(passkey_prompt(tok, n, 0.5, chat=False).text, return_tensors="pt", add_special_tokens=False)
+            counts = {}
+            for method in ("dense", "lserve"):
+                (unpatch_model if method == "dense" else patch_model)(model)
+                counts[method] = decode_ops(model, x)
+            unpatch_model(model)
+            print(f"{x.input_ids.shape[1]:>6} tokens: tensor operations per decode step: dense {counts['dense']:.0f}, "
+                  f"LServe {counts['lserve']:.0f}", flush=True)
+        return 0
     runs, rows = [], []
     for n in args.lengths:
         p = passkey_prompt(tok, n, 0.5, chat=False)

@@ -181,3 +181,21 @@ def test_cpu_benchmark_times_every_step_of_one_generate():
         ttft, tpot = bench_cpu.run_once(model, x, 5, stamps)
         assert len(stamps.times) == 5 and ttft > 0 and tpot > 0
         assert tpot == pytest.approx((stamps.times[-1] - stamps.times[0]) / 4 * 1e3)
+
+
+def test_cpu_benchmark_counts_the_operations_of_a_decode_step():
+    """bench_cpu --count-ops: the tensor operations of one decode step, dense and patched; a
+    patched step of a model with streaming and retrieval heads dispatches its own (more) work."""
+    from conftest import tiny_llama
+    from lserve_hf import patch_model, unpatch_model
+    from lserve_hf.benchmarks import bench_cpu
+
+    model = tiny_llama()
+    x = {"input_ids": torch.randint(1, 100, (1, 90), generator=torch.Generator().manual_seed(0))}
+    dense = bench_cpu.decode_ops(model, x, steps=2)
+    patch_model(model, LServeConfig(streaming_sparsity=0.5, token_budget=32, page_size=16, logical_page_size=4,
+                                    decode_sink=4, decode_local=16), head_pattern=torch.tensor([[0.9, 0.1], [0.2, 0.8]]))
+    patched = bench_cpu.decode_ops(model, x, steps=2)
+    unpatch_model(model)
+    assert dense == bench_cpu.decode_ops(model, x, steps=2) > 0
+    assert patched > dense and patched == int(patched)
