@@ -358,15 +358,10 @@ def paged_decode(q, pool_k, pool_v, pages, lengths, page_size, scale, window=Non
     empty = (pages < 0) | (pages >= P)                                    # [B, Hkv, G, K]
     within = torch.arange(page_size, device=q.device)
     end = lengths.view(B, 1, 1, 1, 1)
-    if token_pages is None and window is None:
-        # an empty slot's tokens are placed past the pool, where no row has a token
-        valid = (torch.where(empty, P, pages).unsqueeze(-1) * page_size + within) < end   # [B, Hkv, G, K, page]
-    else:
-        tok = pages.unsqueeze(-1) * page_size + within if token_pages is None else \
-            token_pages.unsqueeze(-1) * page_size + within                # each key's position
-        valid = ~empty.unsqueeze(-1) & (tok < end)
-        if window is not None:
-            valid = valid & (tok >= end - window)
+    tok = (pages if token_pages is None else token_pages).unsqueeze(-1) * page_size + within   # its position
+    valid = ~empty.unsqueeze(-1) & (tok < end)                            # [B, Hkv, G, K, page]
+    if window is not None:
+        valid = valid & (tok >= end - window)
     # whole pages copied as rows of page_size * D values (one index_select), not key by key
     if T != P * page_size:
         pool_k, pool_v = pool_k[:, :, :P * page_size], pool_v[:, :, :P * page_size]
