@@ -33,8 +33,9 @@ class Forward:
     selects: bool        # a decode step that chooses its pages (else it reuses them)
     uniform: bool = False   # every row held as many tokens before it: row b's new tokens sit at
     #                         token positions longest - new .. longest - 1, a host fact
-    # what every layer of this forward computes alike on the torch path (masks of the stores'
-    # slots), computed by the first layer: the torch path's per-layer work is mostly small ops
+    # what every layer of this forward computes alike from the row lengths on the torch path
+    # (the streaming slots' mask, the drift test's RoPE angles), computed by the first layer that
+    # needs it: the torch path's per-layer work is mostly small ops
     memo: dict = field(default_factory=dict, compare=False, repr=False)
 
 
