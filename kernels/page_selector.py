@@ -202,6 +202,16 @@ def _topk_chunk(KEYS, OUT, row, n_keys, n_out, P, stride_row_in, stride_row_out,
 
 
 @triton.jit
+def _cos_sin(angle):
+    """cos and sin of fp32 angles of any size: the angle (the fp32 product RoPE itself uses) is
+    reduced to [-pi, pi] in fp64 first. Angles reach the context length (1.3e5 rad at 128K),
+    where fp32 sine and cosine leave their fast path (or, approximated, their accuracy)."""
+    a = angle.to(tl.float64)
+    r = (a - 6.283185307179586 * tl.floor(a * 0.15915494309189535 + 0.5)).to(tl.float32)
+    return tl.cos(r), tl.sin(r)
+
+
+@triton.jit
 def _drift_kernel(Q, QREF, LENGTHS, INV_FREQ, NEED, tau, Hkv, G,
                   stride_qb, stride_qh, stride_qg, stride_qd,
                   HEAD_DIM: tl.constexpr, REFRESH: tl.constexpr, GDC: tl.constexpr):
@@ -221,7 +231,7 @@ def _drift_kernel(Q, QREF, LENGTHS, INV_FREQ, NEED, tau, Hkv, G,
     q1 = tl.load(base + offs * stride_qd).to(tl.float32)
     q2 = tl.load(base + (offs + HALF) * stride_qd).to(tl.float32)
     angle = (tl.load(LENGTHS + b) - 1).to(tl.float32) * tl.load(INV_FREQ + offs)
-    c, s = tl.cos(angle), tl.sin(angle)
+    c, s = _cos_sin(angle)
     p1 = q1 * c + q2 * s
     p2 = q2 * c - q1 * s
     inv = 1.0 / tl.sqrt(tl.maximum(tl.sum(p1 * p1, 0) + tl.sum(p2 * p2, 0), 1e-30))

@@ -684,11 +684,12 @@ def test_patched_decode_step_kernel_equals_torch_path(sparsity, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_query_drift_matches_the_reference(dtype):
     """The drift test of the default selector: the flags and the kept queries of the kernel equal
-    the reference's (queries either unchanged content, cosine 1, or unrelated, cosine ~0)."""
+    the reference's (queries either unchanged content, cosine 1, or unrelated, cosine ~0), also
+    at a 128K position, where the RoPE angles reach 1.3e5 rad."""
     torch.manual_seed(37)
-    B, Hkv, G, D = 2, 3, 4, 64
+    B, Hkv, G, D = 3, 3, 4, 64
     q = _randn(B, Hkv, G, D, dtype=dtype)
-    L = torch.tensor([1000, 37], device=DEV)
+    L = torch.tensor([1000, 37, 131072], device=DEV)
     inv_freq = (1.0 / (10000 ** (torch.arange(0, D, 2, device=DEV).float() / D))).contiguous()
     pre = R.unrope(q, L - 1, inv_freq)
     pre = pre / pre.norm(dim=-1, keepdim=True)
