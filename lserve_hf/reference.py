@@ -75,6 +75,47 @@ def _reachable_keys(q_lo: int, q_hi: int, n_keys: int, streams: bool, sink: int,
     return torch.cat([torch.arange(lo, max(lo, sink_hi)), torch.arange(band_lo, hi)])
 
 
+def _put(out, heads, lo, hi, o, s0=None, s1=None):
+    """``out[:, heads, :, s0:s1] = o``, as a view's copy when the heads sit side by side."""
+    rows = slice(s0, s1)
+    if hi - lo == heads.numel():
+        out[:, lo:hi, :, rows] = o
+    else:
+        out[:, heads.to(out.device), :, rows] = o
+
+
+def _block_mask(memo, keys, q_lo, q_hi, n_keys, streams, sink, local, kv_start, sliding_window, G,
+                dtype, device):
+    """The attention mask of queries at positions ``[q_lo, q_hi)`` against key positions ``keys``
+    (a slice or a tensor), the G query heads of a KV head stacked along the queries,
+    ``[B|1, 1, G * block, keys]``, and which queries see any key (``True`` when all do: no zeroing
+    needed). Kept in ``memo`` (one forward; the same for every layer). A streaming block past the
+    sink, with no padding or window, only depends on its length: query i sees the sink and the
+    band keys j with i <= j < i + local, so all such blocks share one mask. Streaming masks are
+    kept additive in the queries' dtype (SDPA would otherwise convert a bool mask at every call,
+    in every layer); a dense head's mask spans the context, so it stays bool (a quarter of the
+    memory)."""
+    band = (streams and not isinstance(keys, slice) and kv_start is None and sliding_window is None)
+    key = (("band", q_hi - q_lo, sink, local, len(keys)) if band
+           else (streams, q_lo, q_hi, n_keys, sink, local, sliding_window))
+    if memo is not None and key in memo:
+        return memo[key]
+    k_pos = (torch.arange(keys.start, keys.stop, device=device) if isinstance(keys, slice)
+             else keys.to(device))
+    q_pos = torch.arange(q_lo, q_hi, device=device)
+    mask = prefill_mask(q_pos, k_pos, streams, sink, local, kv_start, sliding_window)
+    seen = mask.any(-1, keepdim=True)
+    # rows that see nothing attend to everything (finite softmax) and are zeroed after
+    allowed = (mask | ~seen).repeat(1, 1, G, 1)
+    if streams:   # small (sink, window and block keys) and few (one per shape past the sink): additive
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    all_seen = True if device.type == "cpu" and bool(seen.all()) else seen.repeat(1, 1, G, 1)
+    entry = (allowed, all_seen)
+    if memo is not None:
+        memo[key] = entry
+    return entry
+
+
 def _listed_attention(q, k, v, index, count, block, q_offset, kv_start, scale, sliding_window, query_block):
     """Dense heads over their listed key blocks only: q ``[B, H, G, S, D]``, k, v ``[B, H, N, D]``,
     ``index`` / ``count`` the heads' lists (``dynamic_prefill.KeyBlocks``). Query blocks go a few at
@@ -139,23 +180,26 @@ def prefill_attention(q, k, v, streaming, sink, local, q_offset=0, kv_start=None
     if kv_start is not None:
         kv_start = kv_start.to(q.device)
     for streams in (False, True):
-        heads = (kinds == streams).nonzero().flatten().to(q.device)
+        heads = (kinds == streams).nonzero().flatten()
         if not heads.numel():
             continue
-        qh = qg.index_select(1, heads).flatten(1, 2)
-        kh, vh = k.index_select(1, heads), v.index_select(1, heads)
+        n = heads.numel()
+        # heads of one kind that sit side by side (the usual case) are a view, not a gathered copy
+        lo, hi = int(heads[0]), int(heads[-1]) + 1
+        pick = ((lambda t: t[:, lo:hi]) if hi - lo == n
+                else (lambda t, i=heads.to(q.device): t.index_select(1, i)))
+        qk, kh, vh = pick(qg), pick(k), pick(v)                             # [B, n, G, S, D], [B, n, N, D]
         if not streams and blocks is not None:
-            o = _listed_attention(qh.view(B, -1, G, S, D), kh, vh, blocks.index.index_select(1, heads),
-                                  blocks.count.index_select(1, heads), blocks.block, q_offset, kv_start,
+            idx = heads.to(q.device)
+            o = _listed_attention(qk, kh, vh, blocks.index.index_select(1, idx),
+                                  blocks.count.index_select(1, idx), blocks.block, q_offset, kv_start,
                                   scale, sliding_window, query_block)
-            out[:, heads] = o
+            _put(out, heads, lo, hi, o)
             continue
         if not streams and kv_start is None and sliding_window is None and q_offset == 0 and S == N:
-            o = sdpa(qh, kh, vh, scale=scale, is_causal=True)
-            out[:, heads] = o.view(B, heads.numel(), G, S, D)
+            o = sdpa(qk.flatten(1, 2), kh, vh, scale=scale, is_causal=True).view(B, n, G, S, D)
+            _put(out, heads, lo, hi, o)
             continue
-        n = heads.numel()
-        qk = qg.index_select(1, heads)                                      # [B, n, G, S, D]
         for s0 in range(0, S, query_block):
             s1 = min(S, s0 + query_block)
             keys = _reachable_keys(q_offset + s0, q_offset + s1 - 1, N, streams, sink, local, start_max,
@@ -164,25 +208,13 @@ def prefill_attention(q, k, v, streaming, sink, local, q_offset=0, kv_start=None
                 kb, vb = kh[:, :, keys], vh[:, :, keys]
             else:
                 kb, vb = kh.index_select(2, keys.to(q.device)), vh.index_select(2, keys.to(q.device))
-            key = (streams, s0, s1, N, q_offset, sink, local, sliding_window)
-            if memo is None or key not in memo:
-                k_pos = (torch.arange(keys.start, keys.stop, device=q.device) if isinstance(keys, slice)
-                         else keys.to(q.device))
-                q_pos = torch.arange(q_offset + s0, q_offset + s1, device=q.device)
-                mask = prefill_mask(q_pos, k_pos, streams, sink, local, kv_start, sliding_window)
-                seen = mask.any(-1, keepdim=True)
-                # the G query heads stacked along the queries: [B|1, 1, G * block, keys]
-                entry = ((mask | ~seen).repeat(1, 1, G, 1), seen.repeat(1, 1, G, 1))
-                if memo is None:
-                    mask_g, seen_g = entry
-                else:
-                    memo[key] = entry
-            if memo is not None:
-                mask_g, seen_g = memo[key]
+            mask_g, all_seen = _block_mask(memo, keys, q_offset + s0, q_offset + s1, N, streams, sink, local,
+                                           kv_start, sliding_window, G, q.dtype, q.device)
             qb = qk[:, :, :, s0:s1].reshape(B, n, G * (s1 - s0), D)
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask_g, scale=scale)
-            o = torch.where(seen_g, o, 0.0)
-            out[:, heads, :, s0:s1] = o.view(B, n, G, s1 - s0, D)
+            if all_seen is not True:
+                o = torch.where(all_seen, o, 0.0)
+            _put(out, heads, lo, hi, o.view(B, n, G, s1 - s0, D), s0, s1)
     return out.view(B, Hq, S, D)
 
 

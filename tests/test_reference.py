@@ -142,3 +142,24 @@ def test_prefill_regimes_match_brute_force(G, streaming, kv_start, q_offset, win
                                       sliding_window=window, query_block=8)
     want = brute_prefill(q, k, v, streams, 3, 5, q_offset, ks, 0.2, window)
     assert torch.allclose(got, want, atol=1e-10)
+
+
+@pytest.mark.parametrize("q_offset", [0, 9])
+def test_prefill_masks_shared_through_the_memo_match_brute_force(q_offset):
+    """Two layers through one forward's memo: streaming blocks past the sink share one mask per
+    block length (kept additive), heads of a kind that do not sit side by side are gathered; each
+    layer still equals brute force."""
+    g = torch.Generator().manual_seed(q_offset)
+    B, Hkv, G, D, N = 1, 3, 2, 16, 61
+    S = N - q_offset
+    streams = torch.tensor([True, False, True])
+    memo = {}
+    for layer in range(2):
+        q = torch.randn(B, Hkv * G, S, D, generator=g, dtype=torch.float64)
+        k = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64)
+        v = torch.randn(B, Hkv, N, D, generator=g, dtype=torch.float64)
+        got = reference.prefill_attention(q, k, v, streams, 3, 5, q_offset=q_offset, scale=0.2,
+                                          query_block=8, memo=memo)
+        want = brute_prefill(q, k, v, streams, 3, 5, q_offset, torch.zeros(B, dtype=torch.long), 0.2)
+        assert torch.allclose(got, want, atol=1e-10), layer
+    assert any(key[0] == "band" for key in memo)     # the shared masks were used
