@@ -74,6 +74,9 @@ def parser(prog=None) -> argparse.ArgumentParser:
                     help=f"LServe prefill_local (default {REAL['prefill_local']})")
     ap.add_argument("--chunk", type=_at_least(0), default=None,
                     help=f"LServe prefill_chunk_size, 0: one pass (default {REAL['chunk']})")
+    ap.add_argument("--ttft-only", action="store_true",
+                    help="time to first token only (long prompts): after the warm-up, two generate(max_new_tokens=1) "
+                         "at the length (the first call, then TTFT) and its peak memory; no decode phases")
     ap.add_argument("--no-graphs", action="store_true", help="method lserve decodes without CUDA graphs too")
     ap.add_argument("--dynamic-density", type=float, default=None, metavar="D",
                     help="LServe dynamic prefill at density D (prefill_dynamic, dynamic_min/max_density)")
@@ -174,7 +177,8 @@ def resolve(args) -> dict:
     model["num_hidden_layers"] = args.layers or model["num_hidden_layers"]
     return dict(model=model, dtype="bfloat16", dry_run=args.dry_run, layers=args.layers,
                 decode_tokens=args.decode_tokens or base["decode_tokens"], warmup_length=base["warmup_length"],
-                seed=0, memory_cap_gib=args.memory_cap_gib, lserve=knobs, lserve_extra=extra)
+                seed=0, memory_cap_gib=args.memory_cap_gib, lserve=knobs, lserve_extra=extra,
+                ttft_only=args.ttft_only)
 
 
 def lserve_extra(args) -> dict:
@@ -219,7 +223,8 @@ def new_length(length: int) -> int:
 
 def child_spec(settings: dict, method: str, batch: int, length: int) -> dict:
     keep = ("dry_run", "layers", "decode_tokens", "warmup_length", "seed", "memory_cap_gib", "lserve", "lserve_extra")
-    return dict({k: settings[k] for k in keep}, method=method, batch=batch, length=length,
+    return dict({k: settings[k] for k in keep}, ttft_only=settings.get("ttft_only", False), method=method,
+                batch=batch, length=length,
                 new_length=new_length(length))
 
 

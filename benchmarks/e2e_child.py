@@ -97,6 +97,19 @@ def measure(spec: dict, result: dict) -> None:
     result["warmup_s"], out = timed(runner.generation(warmup, FEW_TOKENS), device)
     del out
 
+    if spec.get("ttft_only"):
+        enter(result, "first call at the length")
+        result["first_call_s"], out = timed(runner.generation(ids, 1), device)
+        del out
+        enter(result, "TTFT")
+        reset_peak(device)
+        result["ttft_s"], out = timed(runner.generation(ids, 1), device)
+        check_length(out, L + 1)
+        result["peak_gib"] = peak_gib(device)
+        del out
+        enter(result, "done")
+        return
+
     enter(result, "first call at the length")
     result["first_call_s"], out = timed(runner.generation(ids, FEW_TOKENS), device)
     del out

@@ -81,8 +81,10 @@ def print_table(doc: dict) -> None:
                 print(f"{method:<14} {row['failure']}")
                 continue
             first, second = _median(row, "new_length_first_s"), _median(row, "new_length_second_s")
-            ratio = first / second
-            new = f"{first:.3f} / {second:.3f} ({ratio:.2f}x{'!' if ratio > FIRST_CALL_BAR else ''})"
+            new = "-"
+            if first is not None and second is not None:
+                ratio = first / second
+                new = f"{first:.3f} / {second:.3f} ({ratio:.2f}x{'!' if ratio > FIRST_CALL_BAR else ''})"
             note = f"  ({row['reps']} of {row['runs']} runs ok)" if row["reps"] < row["runs"] else ""
             if row["compiled"]:
                 note += f"  compiled after the warm-up: {row['compiled']}"
@@ -91,14 +93,16 @@ def print_table(doc: dict) -> None:
                   f"{_cell(row, 'kv_gib', False):>7} {_cell(row, 'fwd_prefill_s', False):>13} "
                   f"{_cell(row, 'fwd_decode_ms', False):>13} {new:>24}{note}")
         ours = rows.get(LSERVE)
-        if _median(ours, "tpot_ms") is None:
+        if _median(ours, "ttft_s") is None:
             continue
         ratios = []
         for method, row in rows.items():
-            if method == LSERVE or _median(row, "tpot_ms") is None:
+            if method == LSERVE or _median(row, "ttft_s") is None:
                 continue
-            ratios.append(f"{method} TTFT {row['ttft_s']['median'] / ours['ttft_s']['median']:.2f}x, "
-                          f"TPOT {row['tpot_ms']['median'] / ours['tpot_ms']['median']:.2f}x")
+            text = f"{method} TTFT {row['ttft_s']['median'] / ours['ttft_s']['median']:.2f}x"
+            if _median(row, "tpot_ms") is not None and _median(ours, "tpot_ms") is not None:
+                text += f", TPOT {row['tpot_ms']['median'] / ours['tpot_ms']['median']:.2f}x"
+            ratios.append(text)
         if ratios:
             print(f"LServe speed-up (peer median / lserve median): {'; '.join(ratios)}")
 

@@ -68,6 +68,11 @@ class LServeConfig:
         cuda_graphs: on CUDA, replay each decode step of the whole decoder as a CUDA graph (two
             graphs: a step that selects pages and a step that reuses them). Removes the Python and
             launch overhead that otherwise dominates time per token. Ignored on CPU.
+        fused_norm_mlp: on CUDA with Triton (and backend not "torch"), run each RMSNorm and the
+            MLP's SiLU-and-multiply of the decoder as one kernel each (``lserve_hf.fused_modules``)
+            instead of Transformers' eight and two: Transformers' arithmetic, so results agree to
+            the last place bar the order of a mean's additions. Default True; False keeps
+            Transformers' modules. Training (a recorded gradient) and the CPU always run them.
 
     Dynamic block-sparse prefill (retrieval heads; MInference / FlexPrefill / XAttention style):
         prefill_dynamic: estimate, per retrieval KV head and query block, which key blocks hold
@@ -117,6 +122,7 @@ class LServeConfig:
     prefill_query_block: int = 256
     prefill_chunk_size: int | None = 16384
     cuda_graphs: bool = True
+    fused_norm_mlp: bool = True
     prefill_dynamic: bool = False
     dynamic_mass: float = 0.95
     dynamic_min_density: float = 0.05
@@ -175,6 +181,8 @@ class LServeConfig:
             raise ValueError(f"backend={self.backend!r} is not one of 'auto', 'triton', 'torch'.")
         if not isinstance(self.cuda_graphs, bool):
             raise TypeError(f"cuda_graphs={self.cuda_graphs!r} must be True or False.")
+        if not isinstance(self.fused_norm_mlp, bool):
+            raise TypeError(f"fused_norm_mlp={self.fused_norm_mlp!r} must be True or False.")
         self._check_dynamic()
         if self.offload not in (None, "host"):
             raise ValueError(f"offload={self.offload!r} is not None or 'host'.")

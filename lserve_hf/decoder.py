@@ -94,7 +94,13 @@ def __getattr__(name: str):
     if name.startswith("LServe"):
         import transformers
 
-        base = getattr(transformers, name[len("LServe"):], None)
+        from . import fused_modules
+
+        base_name = name[len("LServe"):]
+        fused = fused_modules.transformers_class(base_name)
+        if fused is not None:
+            return patched_class(fused, fused_modules.mixin_for(fused))
+        base = getattr(transformers, base_name, None)
         if isinstance(base, type):
             from transformers import GenerationMixin
 

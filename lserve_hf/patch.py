@@ -20,6 +20,7 @@ from .attention import ATTN_NAME, lserve_attention_forward, lserve_mask
 from .cache import LServeCache
 from .config import LServeConfig, logger
 from .decoder import LServeCausalLMMixin, LServeDecoderMixin, patched_class
+from .fused_modules import fuse, unfuse
 from .heads import LayerPlan, layer_plans, model_streaming_heads
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -106,6 +107,8 @@ def patch_model(model, config: LServeConfig | None = None, head_pattern=None):
         attn = layer.self_attn
         attn.lserve_plan = plans[attn.layer_idx]
         attn.register_forward_pre_hook(_inject_cache, with_kwargs=True)
+    if config.fused_norm_mlp and config.backend != "torch":
+        fuse(base, mtype)
     base.__class__ = patched_class(type(base), LServeDecoderMixin)
     model.__class__ = patched_class(type(model), LServeCausalLMMixin)
     model._lserve = base._lserve = state
@@ -128,6 +131,7 @@ def unpatch_model(model):
             attn._forward_pre_hooks_with_kwargs.pop(key, None)
         if hasattr(attn, "lserve_plan"):
             del attn.lserve_plan
+    unfuse(base)
     for module in (base, model):
         if hasattr(type(module), "_lserve_base"):
             module.__class__ = type(module)._lserve_base

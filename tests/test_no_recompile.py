@@ -12,7 +12,8 @@ import importlib  # noqa: E402
 
 # the modules (the package re-exports functions of the same names)
 MODULES = tuple(importlib.import_module(f"lserve_hf.kernels.{m}")
-                for m in ("block_sparse_prefill", "page_selector", "page_summary", "sparse_decode"))
+                for m in ("block_sparse_prefill", "page_selector", "page_summary", "sparse_decode",
+                          "rms_norm", "swiglu"))
 
 
 def _jit_parts(fn):
