@@ -77,6 +77,8 @@ def parser(prog=None) -> argparse.ArgumentParser:
     ap.add_argument("--ttft-only", action="store_true",
                     help="time to first token only (long prompts): after the warm-up, two generate(max_new_tokens=1) "
                          "at the length (the first call, then TTFT) and its peak memory; no decode phases")
+    ap.add_argument("--no-fused", action="store_true",
+                    help="LServe without its fused RMSNorm and SwiGLU kernels (fused_norm_mlp=False): sparse attention alone")
     ap.add_argument("--no-graphs", action="store_true", help="method lserve decodes without CUDA graphs too")
     ap.add_argument("--dynamic-density", type=float, default=None, metavar="D",
                     help="LServe dynamic prefill at density D (prefill_dynamic, dynamic_min/max_density)")
@@ -164,7 +166,7 @@ def resolve(args) -> dict:
     chunk = base["chunk"] if args.chunk is None else args.chunk
     knobs = dict(base["knobs"], streaming_sparsity=args.sparsity,
                  prefill_local=args.prefill_local or base["prefill_local"], prefill_chunk_size=chunk or None,
-                 cuda_graphs=not args.no_graphs)
+                 cuda_graphs=not args.no_graphs, fused_norm_mlp=not args.no_fused)
     extra = lserve_extra(args)
     if any(m in LSERVE_METHODS for m in args.methods):
         from lserve_hf import LServeConfig
@@ -291,8 +293,12 @@ def one_line(r: dict) -> str:
     if r["status"] == "ok":
         peak = f", peak {r['peak_gib']:.1f} GiB" if r.get("peak_gib") is not None else ""
         compiled = compiled_after_warmup(r)
-        return (f"TTFT {r['ttft_s']:.3f} s, TPOT {r['tpot_ms']:.2f} ms{peak}, KV {r['kv_gib']:.3f} GiB, "
-                f"new length {r['new_length_first_s']:.3f}/{r['new_length_second_s']:.3f} s (child {r['wall_s']:.0f} s)"
+        if "tpot_ms" not in r:    # --ttft-only
+            text = f"TTFT {r['ttft_s']:.3f} s (first call {r['first_call_s']:.3f} s){peak}"
+        else:
+            text = (f"TTFT {r['ttft_s']:.3f} s, TPOT {r['tpot_ms']:.2f} ms{peak}, KV {r['kv_gib']:.3f} GiB, "
+                    f"new length {r['new_length_first_s']:.3f}/{r['new_length_second_s']:.3f} s")
+        return (text + f" (child {r['wall_s']:.0f} s)"
                 + (f"; compiled after the warm-up: {compiled}" if compiled else ""))
     if r["status"] == "oom":
         return f"OOM in {r['phase']} (child {r['wall_s']:.0f} s)"
