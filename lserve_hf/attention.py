@@ -103,7 +103,7 @@ def _chunk_prefill(query, layer, cache, fwd, mask, plan, cfg, scale, window):
         if q_heads.numel():
             kinds = torch.full((k.shape[1],), streams, device=query.device)
             blocks = None if streams else prefill_blocks(query, k[:, :, :T], cfg, plan, T - S, mask.kv_start,
-                                                         scale, window, q_heads)
+                                                         scale, window, q_heads, prompt_end=cache.step.prompt_total)
             ops.prefill(query, k[:, :, :T], v[:, :, :T], kinds, cfg.prefill_sink, cfg.prefill_local, T - S,
                         mask.kv_start, scale, window, cfg, out=out, q_heads=q_heads, blocks=blocks,
                         memo=mask.memo)

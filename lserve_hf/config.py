@@ -86,6 +86,10 @@ class LServeConfig:
         dynamic_min_density / dynamic_max_density: bounds (in [0, 1]) on the fraction of a query
             block's causal key blocks that is kept (defaults 0.05 / 1.0); the sink and diagonal
             blocks are kept even above the maximum.
+        dynamic_dense_tail: a prompt's last this many queries (default 128; 0: none) keep every
+            causal key block, whatever the estimate and ``dynamic_max_density``: a prompt's
+            question usually sits at its end, and the first answer token is read from its last
+            query. At long prompts that is one or two block rows of hundreds.
         dynamic_block: queries and keys per block of the estimate and of the key-block lists
             (default 128; a power of two >= 16). The kernel walks a listed block in its own key
             steps.
@@ -128,6 +132,7 @@ class LServeConfig:
     dynamic_min_density: float = 0.05
     dynamic_max_density: float = 1.0
     dynamic_block: int = 128
+    dynamic_dense_tail: int = 128
     offload: str | None = None
     hbm_pages: int | None = None
     offload_policy: str = "lru"
@@ -209,6 +214,7 @@ class LServeConfig:
             raise ValueError(f"dynamic_block={block} must be a power of two >= 16 (the kernel's "
                              "query and key blocks divide it); use e.g. 128.")
         object.__setattr__(self, "dynamic_block", block)
+        object.__setattr__(self, "dynamic_dense_tail", _integer("dynamic_dense_tail", self.dynamic_dense_tail, 0))
 
     def __hash__(self):
         return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))

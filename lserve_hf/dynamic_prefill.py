@@ -13,7 +13,11 @@ antidiagonal scoring and the max over query heads on the embedded model's real a
 
 Kept always: the first key block a query block can see (attention sinks) and the diagonal band
 (the key blocks of the query block's own positions, and the one before). The count is then
-clamped to ``[dynamic_min_density, dynamic_max_density]`` of the causal key blocks. Blocks hold
+clamped to ``[dynamic_min_density, dynamic_max_density]`` of the causal key blocks. The query
+blocks holding a prompt's last ``dynamic_dense_tail`` queries keep every causal key block: the
+question of a prompt usually sits there, and its first answer token is read from the last one, so
+an estimate that misses the block it needs costs the answer itself; at long prompts those are one
+or two block rows of hundreds. Blocks hold
 ``dynamic_block`` tokens: query block i is rows ``i*block ..`` of the (chunk's) queries, key block
 j is key positions ``j*block ..``. All of it is tensor work on the inputs' device (no host sync).
 """
@@ -108,18 +112,23 @@ def estimate_mass(q, k, q_offset=0, kv_start=None, scale=None, block=128, window
     return head_mass(q, k, q_offset, kv_start, scale, block, window).mean(2)
 
 
-def select_blocks(mass, lo, hi, diag_lo, target, min_density=0.0, max_density=1.0, block=128) -> KeyBlocks:
+def select_blocks(mass, lo, hi, diag_lo, target, min_density=0.0, max_density=1.0, block=128,
+                  dense_from=None) -> KeyBlocks:
     """Key-block lists from estimated masses ``[B, H, nQ, nK]`` and the ranges of
     :func:`block_ranges`: per query block the blocks of highest mass until their cumulative mass
     reaches ``target`` (1.0: every causal block), the sink and diagonal blocks always, the count
     clamped to ``[min_density, max_density]`` of the causal blocks (the sink and diagonal blocks
-    are kept above the maximum)."""
+    are kept above the maximum). Query blocks from ``dense_from`` on keep every causal block."""
     B, H, nQ, nK = mass.shape
     j = torch.arange(nK, device=mass.device).view(1, 1, 1, nK)
     lo, hi, diag_lo = (t.view(-1, 1, nQ, 1) for t in (lo, hi, diag_lo))
     causal = (j >= lo) & (j <= hi)
     n_causal = (hi - lo + 1).clamp_min(0).squeeze(-1)                     # [B|1, 1, nQ]
     forced = causal & ((j == lo) | (j >= diag_lo))
+    if dense_from is not None and dense_from < nQ:
+        forced = forced | (causal & (torch.arange(nQ, device=mass.device).view(1, 1, nQ, 1) >= dense_from))
+    else:
+        dense_from = None
     if target >= 1.0 and max_density >= 1.0:
         keep = causal.expand(B, H, nQ, nK)
     else:
@@ -138,21 +147,27 @@ def select_blocks(mass, lo, hi, diag_lo, target, min_density=0.0, max_density=1.
         ranked = torch.arange(nK, device=mass.device).view(1, 1, 1, nK) < n_keep.unsqueeze(-1)
         keep = torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, ranked.expand_as(order))
     idx = torch.sort(torch.where(keep, j, nK), dim=-1).values
-    width = nK if max_density >= 1.0 else min(nK, math.floor(max_density * nK + 1e-6) + 4)
-    idx = idx[..., :width]  # a count never exceeds max density or the (<= 4) forced blocks
+    # a count never exceeds max density or the (<= 4) forced blocks, bar the dense rows
+    width = nK if max_density >= 1.0 or dense_from is not None else min(nK, math.floor(max_density * nK + 1e-6) + 4)
+    idx = idx[..., :width]
     return KeyBlocks(torch.where(idx < nK, idx, -1).to(torch.int32), keep.sum(-1).to(torch.int32), block)
 
 
 def key_blocks(q, k, q_offset=0, kv_start=None, scale=None, *, mass=0.95, min_density=0.05,
-               max_density=1.0, block=128, window=None) -> KeyBlocks:
+               max_density=1.0, block=128, window=None, dense_tail=0, prompt_end=None) -> KeyBlocks:
     """Key-block lists for q ``[B, Hkv * G, S, D]`` against k ``[B, Hkv, N, D]`` (every KV head of
-    k); query i at position ``q_offset + i``, keys before ``kv_start[b]`` are left padding."""
+    k); query i at position ``q_offset + i``, keys before ``kv_start[b]`` are left padding. The
+    query blocks holding one of the last ``dense_tail`` positions before ``prompt_end`` (None:
+    q's end) keep every causal key block (a chunk before the last of a prompt may hold some)."""
+    S = q.shape[2]
     est = estimate_mass(q, k, q_offset, kv_start, scale, block, window)
-    lo, hi, diag_lo = block_ranges(q.shape[2], k.shape[2], q_offset, kv_start, block, window, q.device)
-    return select_blocks(est, lo, hi, diag_lo, mass, min_density, max_density, block)
+    lo, hi, diag_lo = block_ranges(S, k.shape[2], q_offset, kv_start, block, window, q.device)
+    tail_start = (q_offset + S if prompt_end is None else prompt_end) - dense_tail
+    dense_from = max(0, tail_start - q_offset) // block if dense_tail > 0 and tail_start < q_offset + S else None
+    return select_blocks(est, lo, hi, diag_lo, mass, min_density, max_density, block, dense_from)
 
 
-def prefill_blocks(q, k, cfg, plan, q_offset, kv_start, scale, window=None, q_heads=None):
+def prefill_blocks(q, k, cfg, plan, q_offset, kv_start, scale, window=None, q_heads=None, prompt_end=None):
     """The ``blocks`` of a patched model's prefill call (``attention._prefill`` and
     ``_chunk_prefill``), or None: ``cfg.prefill_dynamic`` off, a dense layer (``plan``, the
     layer's ``LayerPlan``), no retrieval head, or keys spanning fewer than ``MIN_KEY_BLOCKS``
@@ -161,14 +176,16 @@ def prefill_blocks(q, k, cfg, plan, q_offset, kv_start, scale, window=None, q_he
     q ``[B, Hq, S, D]`` (``q_heads``: only those query heads of it are attended, G per KV head of
     k); k ``[B, Hkv, N, D]`` holds either every KV head of the layer (then the retrieval heads
     are estimated alone and the others' lists left empty) or its retrieval heads only (the page
-    pool)."""
+    pool). ``prompt_end``: where the prompt ends (None: with q), for its last
+    ``cfg.dynamic_dense_tail`` positions, which read every causal block."""
     N = k.shape[2]
     if not cfg.prefill_dynamic or plan.dense or not plan.n_retrieval or N < MIN_KEY_BLOCKS * cfg.dynamic_block:
         return None
     if q_heads is not None:
         q = q.index_select(1, q_heads)
     kw = dict(mass=cfg.dynamic_mass, min_density=cfg.dynamic_min_density,
-              max_density=cfg.dynamic_max_density, block=cfg.dynamic_block, window=window)
+              max_density=cfg.dynamic_max_density, block=cfg.dynamic_block, window=window,
+              dense_tail=cfg.dynamic_dense_tail, prompt_end=prompt_end)
     if k.shape[1] == plan.n_retrieval:
         return key_blocks(q, k, q_offset, kv_start, scale, **kw)
     B, Hq, S, D = q.shape

@@ -336,3 +336,31 @@ def test_patched_model_keeping_every_block_equals_without(chunk, kernel, monkeyp
     assert len(made) == (2 if chunk is None else 2 * 3)               # 2 layers (x 3 chunks)
     assert len(lists) == 2            # chunks of 29 and 58 keys are below MIN_KEY_BLOCKS blocks of 16
     assert all(int(b.count.max()) > 0 for b in lists)
+
+
+def test_the_prompt_s_last_queries_keep_every_causal_block():
+    """dense_tail: the query blocks holding the prompt's last positions list every causal key block
+    (above dynamic_max_density), the others are as without it; a chunk before the prompt's end
+    holds those rows only where the tail reaches into it, as in one pass."""
+    B, Hq, Hkv, S, block = 2, 4, 2, 200, 16
+    q, k = _prose_like(B, Hq, Hkv, S, S, 64, seed=11)
+    start = torch.tensor([0, 9])
+    lo, hi, _ = block_ranges(S, S, 0, start, block)
+    n_causal = (hi - lo + 1).view(B, 1, -1)
+    kw = dict(mass=0.5, min_density=0.0, max_density=0.2, block=block)
+    plain = key_blocks(q, k, 0, start, **kw)
+    tail = key_blocks(q, k, 0, start, dense_tail=40, **kw)
+    rows = range((S - 40) // block, -(-S // block))          # blocks 10..12 hold positions 160..199
+    for r in range(n_causal.shape[-1]):
+        if r in rows:
+            assert torch.equal(tail.count[..., r].long(), n_causal[..., r].expand(B, Hkv)), r
+        else:
+            assert torch.equal(tail.count[..., r], plain.count[..., r]), r
+            n = int(plain.count[..., r].max())
+            assert torch.equal(tail.index[..., r, :n], plain.index[..., r, :n]), r
+    assert int(plain.count.max()) < int(n_causal.max())       # the estimate alone drops blocks there
+    # the same rows from the chunk ending the prompt (104 queries from block 6 on), and the one before
+    for a, b in ((96, 200), (0, 96)):
+        part = key_blocks(q[:, :, a:b], k[:, :, :b], a, start, dense_tail=40, prompt_end=S, **kw)
+        n = part.count.shape[-1]
+        assert torch.equal(part.count, tail.count[..., a // block:a // block + n])

@@ -98,7 +98,7 @@ def test_page_selection_only_within_budget_is_exact(embedded):
 def passkeys_3k(embedded):
     """Passkey prompts at ~3K tokens and the dense model's answers, shared by the tests below."""
     model, tok = embedded
-    prompts = [passkey_prompt(tok, 3000, d, chat=False) for d in DEPTHS]
+    prompts = [passkey_prompt(tok, 2000, d, chat=False) for d in DEPTHS]
     unpatch_model(model)
     ids = [tok(p.text, add_special_tokens=False).input_ids for p in prompts]
     dense = [answer_matches(tok.decode(y), p.passkey)
