@@ -168,7 +168,7 @@ def main(argv=None, prog=None) -> int:
         print("--device cuda needs a CUDA GPU (none found)", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if args.device and args.device.startswith("cuda") else None
-    model, tok = load_embedded_model(device=args.device, dtype=dtype)
+    model, tok = load_embedded_model(device=args.device, dtype=dtype, progress=not args.no_progress)
     t0 = time.perf_counter()
     records = run(model, tok, args.lengths, args.seeds, args.depths, args.budgets, args.out,
                   args.device or "cpu", progress=not args.no_progress, names=args.methods,

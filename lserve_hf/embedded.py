@@ -9,7 +9,9 @@ the same one (a fresh virtual environment) is not."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import importlib.util
 import os
 import shutil
@@ -44,10 +46,12 @@ def _cache_dir(gguf: str) -> Path:
     return root / f"SmolLM2-135M-Instruct-f32-{os.path.getsize(gguf)}-{digest}"
 
 
-def load_embedded_model(device=None, dtype=None):
+def load_embedded_model(device=None, dtype=None, progress: bool = True):
     """Load SmolLM2-135M-Instruct; returns ``(model, tokenizer)`` in eval mode.
 
-    The tokenizer pads on the left, as batched generation (and LServe) needs."""
+    The tokenizer pads on the left, as batched generation (and LServe) needs. ``progress=False``
+    also hides the bar of the first load's de-quantisation (Transformers draws it with a tqdm of
+    its own, which its ``disable_progress_bar`` does not reach)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -67,8 +71,9 @@ def load_embedded_model(device=None, dtype=None):
         else:
             if importlib.util.find_spec("gguf") is None:
                 raise ImportError(f"Loading the GGUF needs the `gguf` package: {INSTALL_HINT}")
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+            with _gguf_bar(progress):
+                tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+                model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
             _save(model, tokenizer, saved)
             model = model.to(dtype)
     finally:
@@ -80,6 +85,22 @@ def load_embedded_model(device=None, dtype=None):
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _gguf_bar(shown: bool):
+    """Transformers' GGUF conversion bar, hidden for this load when ``shown`` is False."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if shown or bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _save(model, tokenizer, saved: Path) -> None:

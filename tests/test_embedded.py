@@ -178,3 +178,19 @@ def test_real_prose_needle_same_answers_as_dense_with_default_selector(embedded,
     finally:
         unpatch_model(model)
     assert sum(a == b for a, b in zip(sparse, dense)) >= 6, (sparse, dense)
+
+
+def test_no_progress_hides_the_gguf_conversion_bar(capsys):
+    """Transformers draws the GGUF de-quantisation bar with its own tqdm; progress=False hides it
+    for that load only (and puts Transformers' tqdm back after)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from lserve_hf.embedded import _gguf_bar
+
+    original = gguf_utils.tqdm
+    with _gguf_bar(False):
+        list(gguf_utils.tqdm(range(3), desc="Converting"))
+    assert "Converting" not in capsys.readouterr().err
+    assert gguf_utils.tqdm is original
+    with _gguf_bar(True):
+        assert gguf_utils.tqdm is original

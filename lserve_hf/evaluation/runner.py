@@ -304,11 +304,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def load_model(path: str | None, device=None):
+def load_model(path: str | None, device=None, progress: bool = True):
     if path is None:
         from ..embedded import load_embedded_model
 
-        return load_embedded_model(device=device)
+        return load_embedded_model(device=device, progress=progress)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -335,7 +335,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
     import transformers
 
-    model, tok = load_model(args.model, args.device)
+    model, tok = load_model(args.model, args.device, progress=not args.no_progress)
     base = default_lserve_config(model, args.head_pattern)
     over = {k: getattr(args, k) for k in ("streaming_sparsity", "token_budget", "prefill_local", "decode_local",
                                                   "selector")
