@@ -80,8 +80,8 @@ class LServeConfig:
             Off by default. On the embedded model's real-prose needles it gives as many answers
             as LServe without it at the default threshold (36 of 56 either way, at most one case
             apart per length and seed; EVAL.md), but the default's accuracy and speed figures
-            are measured without it. Dense layers (``dense_layers``) and prompts of at most a
-            few blocks stay dense.
+            are measured without it. Dense layers (``dense_layers``), prompts of at most a few
+            blocks and queries that see at most ``token_budget`` keys stay dense.
         dynamic_mass: estimated attention mass (cumulative, in (0, 1]) that the kept key blocks of
             a query block must hold (default 0.95). The first key block (attention sinks) and the
             diagonal band (the query block's own key blocks and the one before) are always kept.
@@ -217,6 +217,12 @@ class LServeConfig:
                              "query and key blocks divide it); use e.g. 128.")
         object.__setattr__(self, "dynamic_block", block)
         object.__setattr__(self, "dynamic_dense_tail", _integer("dynamic_dense_tail", self.dynamic_dense_tail, 0))
+        chunk = self.prefill_chunk_size
+        if self.prefill_dynamic and chunk is not None and chunk % block:
+            fixed = max(1, round(chunk / block)) * block
+            raise ValueError(f"prefill_chunk_size={chunk} is not a multiple of dynamic_block={block}: with "
+                             "prefill_dynamic a chunk would split query blocks that a prefill in one pass keeps "
+                             f"whole, and the two would differ; use prefill_chunk_size={fixed}.")
 
     def __hash__(self):
         return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))

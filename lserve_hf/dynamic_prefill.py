@@ -17,7 +17,9 @@ clamped to ``[dynamic_min_density, dynamic_max_density]`` of the causal key bloc
 blocks holding a prompt's last ``dynamic_dense_tail`` queries keep every causal key block: the
 question of a prompt usually sits there, and its first answer token is read from the last one, so
 an estimate that misses the block it needs costs the answer itself; at long prompts those are one
-or two block rows of hundreds. Blocks hold
+or two block rows of hundreds. So do the query blocks whose queries each see at most the token
+budget's keys, as decode attends densely within the budget: a prompt within the budget is
+prefilled exactly as without the estimate. Blocks hold
 ``dynamic_block`` tokens: query block i is rows ``i*block ..`` of the (chunk's) queries, key block
 j is key positions ``j*block ..``. All of it is tensor work on the inputs' device (no host sync).
 """
@@ -113,22 +115,21 @@ def estimate_mass(q, k, q_offset=0, kv_start=None, scale=None, block=128, window
 
 
 def select_blocks(mass, lo, hi, diag_lo, target, min_density=0.0, max_density=1.0, block=128,
-                  dense_from=None) -> KeyBlocks:
+                  dense=None) -> KeyBlocks:
     """Key-block lists from estimated masses ``[B, H, nQ, nK]`` and the ranges of
     :func:`block_ranges`: per query block the blocks of highest mass until their cumulative mass
     reaches ``target`` (1.0: every causal block), the sink and diagonal blocks always, the count
     clamped to ``[min_density, max_density]`` of the causal blocks (the sink and diagonal blocks
-    are kept above the maximum). Query blocks from ``dense_from`` on keep every causal block."""
+    are kept above the maximum). Query blocks where ``dense`` (bool ``[B or 1, nQ]``) holds keep
+    every causal block."""
     B, H, nQ, nK = mass.shape
     j = torch.arange(nK, device=mass.device).view(1, 1, 1, nK)
     lo, hi, diag_lo = (t.view(-1, 1, nQ, 1) for t in (lo, hi, diag_lo))
     causal = (j >= lo) & (j <= hi)
     n_causal = (hi - lo + 1).clamp_min(0).squeeze(-1)                     # [B|1, 1, nQ]
     forced = causal & ((j == lo) | (j >= diag_lo))
-    if dense_from is not None and dense_from < nQ:
-        forced = forced | (causal & (torch.arange(nQ, device=mass.device).view(1, 1, nQ, 1) >= dense_from))
-    else:
-        dense_from = None
+    if dense is not None:
+        forced = forced | (causal & dense.view(-1, 1, nQ, 1))
     if target >= 1.0 and max_density >= 1.0:
         keep = causal.expand(B, H, nQ, nK)
     else:
@@ -148,23 +149,36 @@ def select_blocks(mass, lo, hi, diag_lo, target, min_density=0.0, max_density=1.
         keep = torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, ranked.expand_as(order))
     idx = torch.sort(torch.where(keep, j, nK), dim=-1).values
     # a count never exceeds max density or the (<= 4) forced blocks, bar the dense rows
-    width = nK if max_density >= 1.0 or dense_from is not None else min(nK, math.floor(max_density * nK + 1e-6) + 4)
+    width = nK if max_density >= 1.0 or dense is not None else min(nK, math.floor(max_density * nK + 1e-6) + 4)
     idx = idx[..., :width]
     return KeyBlocks(torch.where(idx < nK, idx, -1).to(torch.int32), keep.sum(-1).to(torch.int32), block)
 
 
 def key_blocks(q, k, q_offset=0, kv_start=None, scale=None, *, mass=0.95, min_density=0.05,
-               max_density=1.0, block=128, window=None, dense_tail=0, prompt_end=None) -> KeyBlocks:
+               max_density=1.0, block=128, window=None, dense_tail=0, prompt_end=None,
+               dense_keys=0) -> KeyBlocks:
     """Key-block lists for q ``[B, Hkv * G, S, D]`` against k ``[B, Hkv, N, D]`` (every KV head of
-    k); query i at position ``q_offset + i``, keys before ``kv_start[b]`` are left padding. The
-    query blocks holding one of the last ``dense_tail`` positions before ``prompt_end`` (None:
-    q's end) keep every causal key block (a chunk before the last of a prompt may hold some)."""
+    k); query i at position ``q_offset + i``, keys before ``kv_start[b]`` are left padding. Every
+    causal key block is kept for the query blocks holding one of the last ``dense_tail`` positions
+    before ``prompt_end`` (None: q's end; a chunk before the last of a prompt may hold some) and
+    for those whose queries each see at most ``dense_keys`` keys (decode's token budget)."""
     S = q.shape[2]
     est = estimate_mass(q, k, q_offset, kv_start, scale, block, window)
     lo, hi, diag_lo = block_ranges(S, k.shape[2], q_offset, kv_start, block, window, q.device)
-    tail_start = (q_offset + S if prompt_end is None else prompt_end) - dense_tail
-    dense_from = max(0, tail_start - q_offset) // block if dense_tail > 0 and tail_start < q_offset + S else None
-    return select_blocks(est, lo, hi, diag_lo, mass, min_density, max_density, block, dense_from)
+    rows = torch.arange(0, S, block, device=q.device)
+    dense = None
+    if dense_tail > 0:
+        tail_start = (q_offset + S if prompt_end is None else prompt_end) - dense_tail
+        dense = (q_offset + rows + block > tail_start).view(1, -1)
+    if dense_keys > 0:
+        last_pos = q_offset + torch.clamp(rows + block, max=S) - 1
+        start = kv_start.to(q.device).long().view(-1, 1) if kv_start is not None else 0
+        seen = last_pos.view(1, -1) + 1 - start
+        if window is not None:
+            seen = seen.clamp(max=window)
+        within = seen <= dense_keys
+        dense = within if dense is None else dense | within
+    return select_blocks(est, lo, hi, diag_lo, mass, min_density, max_density, block, dense)
 
 
 def prefill_blocks(q, k, cfg, plan, q_offset, kv_start, scale, window=None, q_heads=None, prompt_end=None):
@@ -185,7 +199,7 @@ def prefill_blocks(q, k, cfg, plan, q_offset, kv_start, scale, window=None, q_he
         q = q.index_select(1, q_heads)
     kw = dict(mass=cfg.dynamic_mass, min_density=cfg.dynamic_min_density,
               max_density=cfg.dynamic_max_density, block=cfg.dynamic_block, window=window,
-              dense_tail=cfg.dynamic_dense_tail, prompt_end=prompt_end)
+              dense_tail=cfg.dynamic_dense_tail, prompt_end=prompt_end, dense_keys=cfg.token_budget or 0)
     if k.shape[1] == plan.n_retrieval:
         return key_blocks(q, k, q_offset, kv_start, scale, **kw)
     B, Hq, S, D = q.shape

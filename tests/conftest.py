@@ -12,6 +12,22 @@ if not torch.cuda.is_available():
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def interpreted_kernels() -> bool:
+    """For a kernel test module: True with CUDA; without, set Triton's CPU interpreter and rebuild
+    the kernel modules imported earlier (as plain JIT functions) as interpreted ones, the shared
+    helpers first so that the kernels importing them pick up the rebuilt ones; then False."""
+    import importlib
+    import sys
+
+    if torch.cuda.is_available():
+        return True
+    os.environ["TRITON_INTERPRET"] = "1"
+    names = [m for m in sys.modules if m.startswith("lserve_hf.kernels.")]
+    for name in sorted(names, key=lambda m: not m.endswith((".launch", ".prefill_blocks"))):
+        importlib.reload(sys.modules[name])
+    return False
+
+
 def tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, vocab=101, seed=0, model_type="llama", **extra):
     """A random-weight causal LM from a config: exercises shapes and code paths, not accuracy."""
     from transformers import AutoConfig, AutoModelForCausalLM

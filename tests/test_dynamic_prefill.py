@@ -9,22 +9,14 @@ written, and are compared with the reference on float64 copies."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import os
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-    # Kernel modules imported earlier (as plain JIT functions) must be rebuilt as interpreted ones,
-    # the helpers first so that the kernels that import them pick up the rebuilt ones.
-    names = [m for m in sys.modules if m.startswith("lserve_hf.kernels.")]
-    for _name in sorted(names, key=lambda m: not m.endswith((".launch", ".prefill_blocks"))):
-        importlib.reload(sys.modules[_name])
+from conftest import interpreted_kernels
+
+CUDA = interpreted_kernels()
 
 from conftest import tiny_llama  # noqa: E402
 from lserve_hf import LServeConfig, patch_model  # noqa: E402
@@ -280,6 +272,8 @@ def test_estimator_finds_the_heavy_block():
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(prefill_dynamic=1), ["prefill_dynamic", "True or False"]),
+    (dict(prefill_dynamic=True, prefill_chunk_size=1000), ["multiple of dynamic_block=128", "prefill_chunk_size=1024"]),
+    (dict(dynamic_dense_tail=-1), ["dynamic_dense_tail"]),
     (dict(dynamic_mass=0.0), ["dynamic_mass", "(0, 1]"]),
     (dict(dynamic_mass=1.5), ["dynamic_mass"]),
     (dict(dynamic_min_density=0.5, dynamic_max_density=0.2), ["dynamic_min_density=0.5", "dynamic_max_density=0.2"]),
@@ -298,11 +292,11 @@ def test_config_validates_dynamic_fields(kwargs, words):
             c.dynamic_block) == (False, 0.95, 0.05, 1.0, 128)
 
 
-@pytest.mark.parametrize("chunk,kernel", [(None, False), (29, False), (None, True), (29, True)])
+@pytest.mark.parametrize("chunk,kernel", [(None, False), (48, False), (None, True), (48, True)])
 def test_patched_model_keeping_every_block_equals_without(chunk, kernel, monkeypatch):
     """prefill_dynamic with dynamic_mass=1.0 lists every causal block: the logits (through the
     torch path or the kernel) are those of the model without the feature on the torch path, in
-    one pass and in 29-token chunks, with left padding; lists were made in every layer."""
+    one pass and in 48-token chunks, with left padding; lists were made in every layer."""
     from lserve_hf import dynamic_prefill, kernels, ops
 
     model = tiny_llama(heads=8, kv_heads=4, head_dim=64).to(DEV)
@@ -333,8 +327,8 @@ def test_patched_model_keeping_every_block_equals_without(chunk, kernel, monkeyp
     real = mask.bool()
     assert rel_err(logits[True][real], logits[False][real]) < 1e-5
     lists = [b for b in made if b is not None]
-    assert len(made) == (2 if chunk is None else 2 * 3)               # 2 layers (x 3 chunks)
-    assert len(lists) == 2            # chunks of 29 and 58 keys are below MIN_KEY_BLOCKS blocks of 16
+    assert len(made) == (2 if chunk is None else 2 * 2)               # 2 layers (x 2 chunks)
+    assert len(lists) == 2            # the first chunk's 48 keys are below MIN_KEY_BLOCKS blocks of 16
     assert all(int(b.count.max()) > 0 for b in lists)
 
 
@@ -364,3 +358,22 @@ def test_the_prompt_s_last_queries_keep_every_causal_block():
         part = key_blocks(q[:, :, a:b], k[:, :, :b], a, start, dense_tail=40, prompt_end=S, **kw)
         n = part.count.shape[-1]
         assert torch.equal(part.count, tail.count[..., a // block:a // block + n])
+
+
+def test_queries_within_the_token_budget_keep_every_block():
+    """dense_keys (the patched model passes its token budget): a query block whose queries each see
+    at most that many keys lists every causal block, so a prompt within the budget is prefilled
+    as without the estimate; later blocks are pruned as before."""
+    B, Hq, Hkv, S, block = 1, 4, 2, 300, 16
+    q, k = _prose_like(B, Hq, Hkv, S, S, 64, seed=12)
+    lo, hi, _ = block_ranges(S, S, 0, None, block)
+    n_causal = (hi - lo + 1).view(1, 1, -1)
+    kw = dict(mass=0.5, min_density=0.0, block=block)
+    plain = key_blocks(q, k, **kw)
+    budget = key_blocks(q, k, dense_keys=100, **kw)
+    within = (torch.arange(0, S, block) + block) <= 100           # blocks 0..5: queries see <= 96 keys
+    assert torch.equal(budget.count[..., within].long(), n_causal[..., within].expand(B, Hkv, -1))
+    assert torch.equal(budget.count[..., ~within], plain.count[..., ~within])
+    assert (plain.count[..., within].long() < n_causal[..., within]).any()   # the estimate alone prunes there
+    whole = key_blocks(q, k, dense_keys=S, **kw)                   # the whole prompt within the budget
+    assert torch.equal(whole.count.long(), n_causal.expand(B, Hkv, -1))

@@ -128,7 +128,7 @@ def test_method_configs(embedded):
 # --- end to end ---------------------------------------------------------------------------------
 
 def test_end_to_end_embedded(embedded, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(runner_mod, "load_model", lambda path, device=None: embedded)
+    monkeypatch.setattr(runner_mod, "load_model", lambda path, device=None, progress=True: embedded)
     out = tmp_path / "eval"
     rc = runner_mod.main(["--tasks", "niah_single", "--lengths", "400", "700", "--depths", "0.2", "0.8",
                           "--methods", "dense", "lserve", "--out", str(out), "--no-progress",
@@ -184,7 +184,7 @@ def test_without_matplotlib_the_scores_still_print(embedded, tmp_path, monkeypat
 
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
         monkeypatch.setitem(sys.modules, name, None)         # `import matplotlib...` now fails
-    monkeypatch.setattr(runner_mod, "load_model", lambda path, device=None: embedded)
+    monkeypatch.setattr(runner_mod, "load_model", lambda path, device=None, progress=True: embedded)
     monkeypatch.setattr(runner_mod, "evaluate", lambda *a, **k: _records(["passkey"], [400], [0.5],
                                                                           ["dense", "lserve"]))
     assert runner_mod.main(["--tasks", "passkey", "--lengths", "400", "--depths", "0.5", "--out",
@@ -196,7 +196,7 @@ def test_without_matplotlib_the_scores_still_print(embedded, tmp_path, monkeypat
 
 
 def test_selector_option_reaches_the_served_config(embedded, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner_mod, "load_model", lambda path, device=None: embedded)
+    monkeypatch.setattr(runner_mod, "load_model", lambda path, device=None, progress=True: embedded)
     out = tmp_path / "eval"
     for selector in ("reuse", "drift"):
         assert runner_mod.main(["--tasks", "passkey", "--lengths", "300", "--depths", "0.5", "--methods",

@@ -5,23 +5,16 @@ Triton's interpreter (set up by conftest), on random inputs and weights (never o
 from __future__ import annotations
 
 import copy
-import importlib
 import io
-import os
-import sys
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-    for _name in [m for m in sys.modules if m.startswith("lserve_hf.kernels.")]:
-        importlib.reload(sys.modules[_name])
+from conftest import interpreted_kernels, tiny_llama
+
+CUDA = interpreted_kernels()
 
 pytest.importorskip("triton")
-
-from conftest import tiny_llama  # noqa: E402
 
 from lserve_hf import LServeConfig, fused_modules, patch_model, unpatch_model  # noqa: E402
 from lserve_hf.kernels.rms_norm import rms_norm  # noqa: E402

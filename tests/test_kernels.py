@@ -8,20 +8,14 @@ bf16 and are compared with the reference on float64 copies by relative norm erro
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from dataclasses import astuple, replace
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-    # Kernel modules imported earlier (as plain JIT functions) must be rebuilt as interpreted ones.
-    for _name in [m for m in sys.modules if m.startswith("lserve_hf.kernels.")]:
-        importlib.reload(sys.modules[_name])
+from conftest import interpreted_kernels
+
+CUDA = interpreted_kernels()
 
 pytest.importorskip("triton")
 
