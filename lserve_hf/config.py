@@ -78,7 +78,7 @@ class LServeConfig:
         prefill_dynamic: estimate, per retrieval KV head and query block, which key blocks hold
             the attention mass, and attend only to those at prefill (``lserve_hf.dynamic_prefill``).
             Off by default. On the embedded model's real-prose needles it gives as many answers
-            as LServe without it at the default threshold (36 of 56 either way, at most one case
+            as LServe without it at the default threshold (37 and 36 of 56, at most one case
             apart per length and seed; EVAL.md), but the default's accuracy and speed figures
             are measured without it. Dense layers (``dense_layers``), prompts of at most a few
             blocks and queries that see at most ``token_budget`` keys stay dense.

@@ -56,7 +56,10 @@ class LServeMLPMixin:
         if _kernels_take(x, self.gate_proj.weight):
             from .kernels.swiglu import silu_mul
 
-            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            if gate.dtype == up.dtype:
+                return self.down_proj(silu_mul(gate, up))
+            return self.down_proj(self.act_fn(gate) * up)      # projections of two dtypes: as Transformers
         return super().forward(x)
 
 

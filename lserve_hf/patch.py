@@ -1,7 +1,7 @@
 """``patch_model`` / ``unpatch_model``: switch a Transformers causal LM to LServe attention through
 the public seams only (``AttentionInterface``, ``AttentionMaskInterface``, ``Cache``, a forward
-pre-hook per attention module, and a subclass of the decoder's and the LM's own classes), so the
-model's code is never forked."""
+pre-hook per attention module, and a subclass of the decoder's and the LM's own classes, and of
+its RMSNorm and MLP classes for the fused kernels), so the model's code is never forked."""
 
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def _decoder(model):
 
 
 def patch_model(model, config: LServeConfig | None = None, head_pattern=None):
-    """Patch ``model`` in place so that forward passes and ``generate()`` run LServe attention.
+    """Patch ``model`` in place so that forward passes and ``generate()`` run LServe attention (and,
+    on CUDA, the decoder's RMSNorms and SwiGLU activation as fused kernels: ``fused_norm_mlp``).
 
     Args:
         model: a Llama, Mistral or Qwen2 causal LM from Transformers.
