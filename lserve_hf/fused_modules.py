@@ -28,10 +28,13 @@ _FUSABLE = {   # model type: (its RMSNorm class, its MLP class), in transformers
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def records_gradient(*tensors) -> bool:
+    """Whether autograd would record an operation on these tensors (the kernels have no backward)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _kernels_take(*tensors) -> bool:
-    if not tensors[0].is_cuda or any(t.dtype not in _FLOATS for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if not tensors[0].is_cuda or any(t.dtype not in _FLOATS for t in tensors) or records_gradient(*tensors):
         return False
     from . import kernels
 

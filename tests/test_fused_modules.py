@@ -160,7 +160,11 @@ def test_fused_forward_equals_the_model_s_own(model_type, monkeypatch):
 
 def test_a_recorded_gradient_runs_the_module_s_own_forward():
     weight = torch.nn.Parameter(torch.rand(8, device=DEV) + 0.5)
-    x = torch.randn(2, 3, 8, device=DEV, requires_grad=True)
-    assert not fused_modules._kernels_take(x, weight)               # grad mode on, tensors that want grads
+    x = torch.randn(2, 3, 8, device=DEV)
+    assert fused_modules.records_gradient(x, weight)                   # the weight wants its gradient
+    assert fused_modules.records_gradient(x.requires_grad_(), weight.detach())   # so does the input
+    assert not fused_modules.records_gradient(x.detach(), weight.detach())
+    assert not fused_modules._kernels_take(x, weight)
     with torch.no_grad():
+        assert not fused_modules.records_gradient(x, weight)
         assert fused_modules._kernels_take(x, weight) == CUDA       # the CPU always runs the module's own
