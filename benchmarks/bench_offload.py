@@ -4,9 +4,11 @@ Llama-3-8B config (32 layers, 32 query / 8 KV heads, head dim 128, bf16), 50% st
 
 (a) context sweep with offload: TTFT (one forward over the prompt: a layer-segmented prefill in
     16K chunks), TPOT (median decode step once the graphs replay), peak GPU memory, page-cache
-    hit rate; the in-memory run beside it where it fits.
+    hit rate; the in-memory run beside it where it fits. The page cache: ``--hbm-pages`` (default
+    "auto": the largest that fits the cap less 4 GiB, ``lserve_hf.hbm_pages_for``).
 (b) at 32K: the largest batch that fits without and with offload (``lserve_hf.max_batch_size``,
-    then run: one prefilled row repeated to the batch), decode tokens/s at each.
+    the config's own page cache; then run: one prefilled row repeated to the batch), decode
+    tokens/s at each.
 (c) peak GPU memory of the 256K offloaded prefill against weights + one layer's KV.
 
 A run that would overrun ``--time-budget`` (predicted from the runs so far) is skipped, and said
@@ -154,13 +156,24 @@ def attempt(model, n, steps, batch=1):
         return dict(length=n, batch=batch, skipped=f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
 
 
+def auto_pages(model, cfg, pattern, n, steps, cap_bytes):
+    """``--hbm-pages auto``: the largest page cache one row of ``n`` tokens fits under the cap,
+    4 GiB kept for activations (``lserve_hf.hbm_pages_for``)."""
+    from lserve_hf import hbm_pages_for, patch_model
+
+    patch_model(model, cfg, head_pattern=pattern)
+    return hbm_pages_for(model, n, cap_bytes - 4 * GIB, 1, steps + 1)
+
+
 def sweep_length(model, configs, n, steps, budget, cap_bytes, rows, modes):
     """(a) at one length: offload, then in memory where it is predicted to fit."""
     from lserve_hf import patch_model
 
-    pattern, config = configs
+    pattern, config, auto = configs
     for mode in modes:
         cfg = config if mode == "offload" else replace(config, offload=None)
+        if mode == "offload" and auto:
+            cfg = replace(cfg, hbm_pages=auto_pages(model, cfg, pattern, n, steps, cap_bytes))
         host = n * KV_PER_TOKEN // 2 if mode == "offload" else 0     # the retrieval half, pinned
         predicted = budget.ttft(n) + steps * 0.1 + host / (3 * GIB)   # pinning ~3 GB/s
         peak = weights_bytes(model) + (n * KV_PER_TOKEN + min(4 * GIB, cap_bytes // 10) if mode == "memory" else 0)
@@ -185,7 +198,7 @@ def batch_at(model, configs, n, steps, budget, cap_bytes, tries):
     repeat's transient copy), run; a batch that does not fit is retried 15% smaller."""
     from lserve_hf import max_batch_size, patch_model
 
-    pattern, config = configs
+    pattern, config, _ = configs      # the config's own page cache (auto sizing is per length, batch 1)
     rows = []
     for mode in ("memory", "offload"):
         cfg = config if mode == "offload" else replace(config, offload=None)
@@ -257,8 +270,14 @@ def main(argv=None):
     ap.add_argument("--batch-length", type=int, default=32768)
     ap.add_argument("--peak-length", type=int, default=262144, help="(c): the prefill whose peak is broken down")
     ap.add_argument("--memory-gib", type=float, default=80.0)
-    ap.add_argument("--hbm-pages", type=int, default=None)
+    ap.add_argument("--hbm-pages", default="auto",
+                    help="page-cache slots per (row, retrieval KV head) in (a) and (c): a number, 'default' (the "
+                         "config's default, 2x pages_per_selection raised to one step's reads) or 'auto' (the largest "
+                         "that fits the cap, lserve_hf.hbm_pages_for); (b) uses the default")
     ap.add_argument("--policy", default="lru", choices=["lru", "frequency"])
+    ap.add_argument("--dynamic-density", type=float, default=None,
+                    help="prefill the retrieval heads with prefill_dynamic at this fixed density of key blocks "
+                         "(min = max density; decode is unchanged); default: dense retrieval heads")
     ap.add_argument("--batch-tries", type=int, default=3)
     ap.add_argument("--time-budget", type=float, default=None, help="seconds; runs predicted to overrun are skipped")
     ap.add_argument("--parts", nargs="+", default=["sweep", "batch", "peak"], choices=["sweep", "batch", "peak"],
@@ -290,9 +309,12 @@ def main(argv=None):
     model = build_model()
     L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
     pattern = torch.rand(L, H, generator=torch.Generator().manual_seed(0))
+    hbm = None if args.hbm_pages in ("default", "auto") else int(args.hbm_pages)
+    dyn = {} if args.dynamic_density is None else dict(
+        prefill_dynamic=True, dynamic_min_density=args.dynamic_density, dynamic_max_density=args.dynamic_density)
     config = LServeConfig(streaming_sparsity=0.5, prefill_local=8192, token_budget=4096, offload="host",
-                          hbm_pages=args.hbm_pages, offload_policy=args.policy)
-    configs = (pattern, config)
+                          hbm_pages=hbm, offload_policy=args.policy, **dyn)
+    configs = (pattern, config, args.hbm_pages == "auto")
     # warm-up, every kernel compiled: one-pass and chunked prefill, page cache, both decode layouts
     for cfg, n in ((config, 4096), (config, config.prefill_chunk_size + 4096), (replace(config, offload=None), 4096)):
         patch_model(model, cfg, head_pattern=pattern)
@@ -307,7 +329,8 @@ def main(argv=None):
     info = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 torch=torch.__version__, triton=__import__("triton").__version__, memory_gib=args.memory_gib,
                 config="Llama-3-8B, random weights, bf16, 50% streaming heads, budget 4096",
-                lserve=dict(hbm_pages=args.hbm_pages, policy=args.policy, prefill_chunk_size=config.prefill_chunk_size),
+                lserve=dict(hbm_pages=args.hbm_pages, policy=args.policy, prefill_chunk_size=config.prefill_chunk_size,
+                            dynamic_density=args.dynamic_density),
                 steps=args.steps, batch_length=args.batch_length, peak_length=args.peak_length,
                 weights_gib=weights_bytes(model) / GIB, sweep=sweep, batch=batch,
                 wall_s=time.perf_counter() - budget.start)

@@ -8,12 +8,14 @@ gathers, a token write needs no copy call, and nothing waits on the host, so all
 captured CUDA graph. Under Triton's interpreter the host pool is a CPU tensor like the others.
 
 * :func:`lookup_pages`: one program per (row, KV head) dedups the step's read list (a sort),
-  looks the pages up, picks the victims (a sort of the slots by policy key; the slots the step
-  reads sort last) and writes the slot ids, the load list and the counters.
+  looks the pages up, picks the victims (a sort of the victim window's slots by policy key; the
+  slots the step reads sort last) and writes the slot ids, the load list and the counters.
 * :func:`load_pages`: ``load_workers`` programs per (row, KV head) share its load list, one
   whole page (K and V) per iteration.
 * :func:`append_tokens`: one program per (row, KV head) writes the tokens to host memory and, for
   a decode token, moves a full newest page to a victim slot before the token opens a new page.
+* :func:`prime_pages`: ``prime_workers`` programs per (row, KV head) fill a new cache's regular
+  slots with the row's most recent full pages.
 
 The state layout and the semantics are ``lserve_hf.page_cache.PageCache``'s. Reference:
 lserve_hf.page_cache.PageCache.lookup / .load / .append and lserve_hf.page_cache.write_host.
@@ -27,12 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..page_cache import lanes, window_width
 from .launch import check_positive, check_power_of_two
 
 _BIG = tl.constexpr(1 << 40)            # lserve_hf.page_cache.BIG
-_FREQ_CAP = tl.constexpr((1 << 17) - 1)  # lserve_hf.page_cache.FREQ_CAP
-_SLOT_BITS = tl.constexpr(12)           # lserve_hf.page_cache.SLOT_BITS
-_SLOT_MASK = tl.constexpr((1 << 12) - 1)
+_FREQ_CAP = tl.constexpr((1 << 13) - 1)  # lserve_hf.page_cache.FREQ_CAP
+_SLOT_BITS = tl.constexpr(16)           # lserve_hf.page_cache.SLOT_BITS
+_SLOT_MASK = tl.constexpr((1 << 16) - 1)
 _MAX = tl.constexpr((1 << 63) - 1)
 
 
@@ -43,10 +46,11 @@ class PageCachePlan:
     Not tuned on a GPU yet (2026-12): the values are the first guess."""
 
     load_workers: int = 8
+    prime_workers: int = 64   # a new cache's fill: many pages, once; more reads in flight
     num_warps: int = 4
 
     def __post_init__(self):
-        check_positive("PageCachePlan", load_workers=self.load_workers)
+        check_positive("PageCachePlan", load_workers=self.load_workers, prime_workers=self.prime_workers)
         check_power_of_two("PageCachePlan", num_warps=self.num_warps)
 
 
@@ -54,7 +58,8 @@ DEFAULT_PAGE_CACHE_PLAN = PageCachePlan()
 
 # Table strides grow with the context (n_pages + 1 columns, any parity): runtime values, so a new
 # length compiles nothing.
-LENGTH_ARGS = {"_lookup_kernel": ["stb", "sth", "NP"], "_append_kernel": ["stb", "sth"]}
+LENGTH_ARGS = {"_lookup_kernel": ["stb", "sth", "NP"], "_append_kernel": ["stb", "sth"],
+               "_prime_kernel": ["stb", "sth"]}
 
 
 @triton.jit
@@ -68,13 +73,13 @@ def _policy_key(last, freq, owner, FREQUENCY: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=LENGTH_ARGS["_lookup_kernel"])
-def _lookup_kernel(PAGES, LENGTHS, TABLE, OWNER, LAST, FREQ, CLOCK, STATS, SLOTS, SLOT_LEN,
+def _lookup_kernel(PAGES, LENGTHS, TABLE, OWNER, LAST, FREQ, HAND, CLOCK, STATS, SLOTS, SLOT_LEN,
                    LOAD_PAGE, LOAD_SLOT, N_LOAD, SCRATCH,
                    spb, sph, spg, spk, ssb, ssh, ssg, ssk, stb, sth,
-                   H, G, K, S, NP, page_size, n_lanes,
-                   EP: tl.constexpr, SP: tl.constexpr, FREQUENCY: tl.constexpr):
-    """One (row, KV head): its G x K read-list entries (EP >= G*K lanes) and S slots (SP >= S);
-    ``n_lanes``: the load list's row length."""
+                   H, G, K, S, C, NP, page_size, n_lanes,
+                   EP: tl.constexpr, CP: tl.constexpr, FREQUENCY: tl.constexpr):
+    """One (row, KV head): its G x K read-list entries (EP >= G*K lanes), S slots and a victim
+    window of C regular slots from its hand (CP >= C lanes); ``n_lanes``: the load list's row length."""
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
@@ -90,7 +95,7 @@ def _lookup_kernel(PAGES, LENGTHS, TABLE, OWNER, LAST, FREQ, CLOCK, STATS, SLOTS
     valid = in_e & (p >= 0) & (p < n_pg)
     is_new = valid & (p == newest)
     reg = valid & (p != newest)
-    scr = SCRATCH + pid.to(tl.int64) * (EP + SP)
+    scr = SCRATCH + pid.to(tl.int64) * (EP + CP)
     tb = TABLE + b * stb + h * sth
     row = pid.to(tl.int64) * (S + 1)
     # each page once: sorted, the first of each run (the neighbour comes through scratch memory)
@@ -108,17 +113,19 @@ def _lookup_kernel(PAGES, LENGTHS, TABLE, OWNER, LAST, FREQ, CLOCK, STATS, SLOTS
     tl.store(LAST + row + slot_u, now + slot_u * 0, mask=hit)
     tl.store(FREQ + row + slot_u, f_hit + 1, mask=hit)
     tl.debug_barrier()
-    # victims: the slots this step does not read, lowest policy key first (free slots: -1)
-    s = tl.arange(0, SP)
-    in_s = s < S
-    own_s = tl.load(OWNER + row + s, mask=in_s, other=-1).to(tl.int64)
-    last_s = tl.load(LAST + row + s, mask=in_s, other=0)
-    freq_s = tl.load(FREQ + row + s, mask=in_s, other=0)
-    used = (last_s == now) | (s == S - 1)
+    # victims: the window's slots this step does not read, lowest policy key first (free: -1)
+    hand = tl.load(HAND + pid)
+    c = tl.arange(0, CP)
+    in_c = c < C
+    s = (hand + c) % (S - 1)
+    own_s = tl.load(OWNER + row + s, mask=in_c, other=-1).to(tl.int64)
+    last_s = tl.load(LAST + row + s, mask=in_c, other=0)
+    freq_s = tl.load(FREQ + row + s, mask=in_c, other=0)
+    used = last_s == now
     key = _policy_key(last_s, freq_s, own_s, FREQUENCY)
     packed = (used.to(tl.int64) << 62) | ((key + 1) << _SLOT_BITS) | s
-    order = tl.sort(tl.where(in_s, packed, _MAX)) & _SLOT_MASK
-    tl.store(scr + EP + s, order)
+    order = tl.sort(tl.where(in_c, packed, _MAX)) & _SLOT_MASK
+    tl.store(scr + EP + c, order)
     rank = tl.cumsum(miss.to(tl.int32), 0) - 1
     tl.debug_barrier()
     victim = tl.load(scr + EP + rank, mask=miss, other=-1)
@@ -129,8 +136,8 @@ def _lookup_kernel(PAGES, LENGTHS, TABLE, OWNER, LAST, FREQ, CLOCK, STATS, SLOTS
     tl.store(LAST + row + victim, now + victim * 0, mask=miss)
     tl.store(FREQ + row + victim, (victim * 0 + 1).to(tl.int32), mask=miss)
     # the newest page: the last slot, loaded when that slot does not hold it yet
-    own = tl.sum(tl.where(s == S - 1, own_s, 0), 0)
-    f_last = tl.sum(tl.where(s == S - 1, freq_s, 0), 0)
+    own = tl.load(OWNER + row + S - 1).to(tl.int64)
+    f_last = tl.load(FREQ + row + S - 1)
     has = n_pg > 0
     need = has & (own != newest)
     if need:
@@ -159,8 +166,20 @@ def _lookup_kernel(PAGES, LENGTHS, TABLE, OWNER, LAST, FREQ, CLOCK, STATS, SLOTS
     tl.store(st, tl.load(st) + n_first + has.to(tl.int64))
     tl.store(st + 1, tl.load(st + 1) + n_hit + (has & (own == newest)).to(tl.int64))
     tl.store(st + 2, tl.load(st + 2) + n_miss.to(tl.int64) + need.to(tl.int64))
+    tl.store(HAND + pid, (hand + C) % (S - 1))
     if h == 0:
         tl.store(SLOT_LEN + b, (S - 1) * page_size + length - newest * page_size)
+
+
+@triton.jit
+def _copy_page(hk, hv, ck, cv, page, slot, t, shk_t, shv_t, sck_t, scv_t, page_size):
+    """Host page ``page`` (K and V) into cache slot ``slot``; the pointers are at the (row, head),
+    ``t`` the page's row lanes."""
+    ok = (t < page_size)[:, None]
+    src = (page * page_size + t)[:, None]
+    dst = (slot * page_size + t)[:, None]
+    tl.store(ck + dst * sck_t, tl.load(hk + src * shk_t, mask=ok), mask=ok)
+    tl.store(cv + dst * scv_t, tl.load(hv + src * shv_t, mask=ok), mask=ok)
 
 
 @triton.jit
@@ -175,27 +194,51 @@ def _load_kernel(HK, HV, CK, CV, LOAD_PAGE, LOAD_SLOT, N_LOAD,
     h = (pid % H).to(tl.int64)
     n = tl.load(N_LOAD + pid)
     t = tl.arange(0, PAGE_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    ok = (t < page_size)[:, None]
+    d = tl.arange(0, HEAD_DIM)[None, :]
+    hk, hv = HK + b * shk_b + h * shk_h + d * shk_d, HV + b * shv_b + h * shv_h + d * shv_d
+    ck, cv = CK + b * sck_b + h * sck_h + d * sck_d, CV + b * scv_b + h * scv_h + d * scv_d
     lanes = pid.to(tl.int64) * n_lanes
     for i in range(tl.program_id(1), n, WORKERS):
         page = tl.load(LOAD_PAGE + lanes + i).to(tl.int64)
         slot = tl.load(LOAD_SLOT + lanes + i).to(tl.int64)
-        src = (page * page_size + t)[:, None]
-        dst = (slot * page_size + t)[:, None]
-        k = tl.load(HK + b * shk_b + h * shk_h + src * shk_t + d[None, :] * shk_d, mask=ok)
-        tl.store(CK + b * sck_b + h * sck_h + dst * sck_t + d[None, :] * sck_d, k, mask=ok)
-        v = tl.load(HV + b * shv_b + h * shv_h + src * shv_t + d[None, :] * shv_d, mask=ok)
-        tl.store(CV + b * scv_b + h * scv_h + dst * scv_t + d[None, :] * scv_d, v, mask=ok)
+        _copy_page(hk, hv, ck, cv, page, slot, t, shk_t, shv_t, sck_t, scv_t, page_size)
+
+
+@triton.jit(do_not_specialize=LENGTH_ARGS["_prime_kernel"])
+def _prime_kernel(HK, HV, CK, CV, LENGTHS, TABLE, OWNER,
+                  shk_b, shk_h, shk_t, shk_d, shv_b, shv_h, shv_t, shv_d,
+                  sck_b, sck_h, sck_t, sck_d, scv_b, scv_h, scv_t, scv_d, stb, sth,
+                  H, S, page_size,
+                  WORKERS: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Worker program_id(1) of one (row, KV head) fills regular slots j = w, w + WORKERS, ...
+    with page ``newest - (S - 1) + j`` where that is a page."""
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    length = tl.load(LENGTHS + b).to(tl.int64)
+    newest = (length + page_size - 1) // page_size - 1
+    t = tl.arange(0, PAGE_PAD)
+    d = tl.arange(0, HEAD_DIM)[None, :]
+    hk, hv = HK + b * shk_b + h * shk_h + d * shk_d, HV + b * shv_b + h * shv_h + d * shv_d
+    ck, cv = CK + b * sck_b + h * sck_h + d * sck_d, CV + b * scv_b + h * scv_h + d * scv_d
+    row = pid.to(tl.int64) * (S + 1)
+    tb = TABLE + b * stb + h * sth
+    first = tl.maximum(S - 1 - newest, 0)          # the first slot whose page exists
+    start = tl.program_id(1) + tl.cdiv(tl.maximum(first - tl.program_id(1), 0), WORKERS) * WORKERS
+    for j in range(start, S - 1, WORKERS):
+        page = newest - (S - 1) + j
+        _copy_page(hk, hv, ck, cv, page, page * 0 + j, t, shk_t, shv_t, sck_t, scv_t, page_size)
+        tl.store(tb + page, (page * 0 + j).to(tl.int32))
+        tl.store(OWNER + row + j, page.to(tl.int32))
 
 
 @triton.jit(do_not_specialize=LENGTH_ARGS["_append_kernel"])
-def _append_kernel(KR, VR, POS, HK, HV, CK, CV, TABLE, OWNER, LAST, FREQ, CLOCK,
+def _append_kernel(KR, VR, POS, HK, HV, CK, CV, TABLE, OWNER, LAST, FREQ, HAND, CLOCK,
                    skr_b, skr_h, skr_t, skr_d, svr_b, svr_h, svr_t, svr_d,
                    shk_b, shk_h, shk_t, shk_d, shv_b, shv_h, shv_t, shv_d,
                    sck_b, sck_h, sck_t, sck_d, scv_b, scv_h, scv_t, scv_d, stb, sth,
-                   H, T, S, page_size,
-                   SP: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   H, T, S, C, page_size,
+                   CP: tl.constexpr, PAGE_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    CACHED: tl.constexpr, FREQUENCY: tl.constexpr):
     """One (row, KV head): its T tokens to host memory; CACHED (one decode token, a cache): also
     to the newest slot, after moving a full newest page out when the token opens a page."""
@@ -216,20 +259,22 @@ def _append_kernel(KR, VR, POS, HK, HV, CK, CV, TABLE, OWNER, LAST, FREQ, CLOCK,
         new_page = pos // page_size
         row = pid.to(tl.int64) * (S + 1)
         tb = TABLE + b * stb + h * sth
-        s = tl.arange(0, SP)
-        in_s = s < S
-        own_s = tl.load(OWNER + row + s, mask=in_s, other=-1).to(tl.int64)
-        last_s = tl.load(LAST + row + s, mask=in_s, other=0)
-        freq_s = tl.load(FREQ + row + s, mask=in_s, other=0)
-        own = tl.sum(tl.where(s == S - 1, own_s, 0), 0)
-        f_last = tl.sum(tl.where(s == S - 1, freq_s, 0), 0)
+        own = tl.load(OWNER + row + S - 1).to(tl.int64)
+        f_last = tl.load(FREQ + row + S - 1)
         claim = (own != new_page) & (pos % page_size == 0)
         write = (own == new_page) | claim
         retire = claim & (own >= 0)
+        # the victim: lowest policy key in the window (lookup's, the hand as it stands)
+        c = tl.arange(0, CP)
+        in_c = c < C
+        s = (tl.load(HAND + pid) + c) % (S - 1)
+        own_s = tl.load(OWNER + row + s, mask=in_c, other=-1).to(tl.int64)
+        last_s = tl.load(LAST + row + s, mask=in_c, other=0)
+        freq_s = tl.load(FREQ + row + s, mask=in_c, other=0)
         key = _policy_key(last_s, freq_s, own_s, FREQUENCY)
-        packed = tl.where(s < S - 1, ((key + 1) << _SLOT_BITS) | s, _MAX)
-        victim = tl.argmin(packed, 0).to(tl.int64)
-        v_old = tl.sum(tl.where(s == victim, own_s, 0), 0)
+        packed = tl.where(in_c, ((key + 1) << _SLOT_BITS) | s, _MAX)
+        victim = tl.min(packed, 0) & _SLOT_MASK
+        v_old = tl.load(OWNER + row + victim).to(tl.int64)
         ck = CK + b * sck_b + h * sck_h + d[None, :] * sck_d
         cv = CV + b * scv_b + h * scv_h + d[None, :] * scv_d
         if retire:
@@ -256,8 +301,7 @@ def _append_kernel(KR, VR, POS, HK, HV, CK, CV, TABLE, OWNER, LAST, FREQ, CLOCK,
             tl.store(CV + b * scv_b + h * scv_h + off * scv_t + d * scv_d, tl.load(vr).to(CV.dtype.element_ty))
 
 
-def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+_pad = lanes
 
 
 def lookup_pages(cache, pages: torch.Tensor, lengths: torch.Tensor, *, plan: PageCachePlan | None = None) -> None:
@@ -265,16 +309,17 @@ def lookup_pages(cache, pages: torch.Tensor, lengths: torch.Tensor, *, plan: Pag
     ids into ``cache.slot_ids``, victims, load list, counters; then the step clock advances."""
     plan = DEFAULT_PAGE_CACHE_PLAN if plan is None else plan
     B, H, G, K = pages.shape
-    EP, SP = _pad(G * K), _pad(cache.slots)
+    # the window's lanes follow the read list, not the slot count: a cache of any size compiles nothing new
+    EP, CP = _pad(G * K), window_width(G * K)
     out = cache.output_for(pages)
-    if cache.scratch is None or cache.scratch.shape != (B, H, EP + SP):
-        cache.scratch = torch.empty(B, H, EP + SP, dtype=torch.int64, device=pages.device)
+    if cache.scratch is None or cache.scratch.shape != (B, H, EP + CP):
+        cache.scratch = torch.empty(B, H, EP + CP, dtype=torch.int64, device=pages.device)
     _lookup_kernel[(B * H,)](
-        pages, lengths, cache.table, cache.owner, cache.last, cache.freq, cache.clock, cache.stats, out,
+        pages, lengths, cache.table, cache.owner, cache.last, cache.freq, cache.hand, cache.clock, cache.stats, out,
         cache.slot_lengths, cache.load_page, cache.load_slot, cache.n_load, cache.scratch,
         *pages.stride(), *out.stride(), *cache.table.stride()[:2],
-        H, G, K, cache.slots, cache.n_pages, cache.page_size, cache.load_page.shape[-1],
-        EP=EP, SP=SP, FREQUENCY=cache.policy == "frequency", num_warps=plan.num_warps)
+        H, G, K, cache.slots, cache.window, cache.n_pages, cache.page_size, cache.load_page.shape[-1],
+        EP=EP, CP=CP, FREQUENCY=cache.policy == "frequency", num_warps=plan.num_warps)
     cache.clock.add_(1)
 
 
@@ -291,6 +336,20 @@ def load_pages(cache, host_k: torch.Tensor, host_v: torch.Tensor, *, plan: PageC
         num_warps=plan.num_warps)
 
 
+def prime_pages(cache, host_k: torch.Tensor, host_v: torch.Tensor, lengths: torch.Tensor, *,
+                plan: PageCachePlan | None = None) -> None:
+    """``cache.prime(host_k, host_v, lengths)``: a new cache's regular slots take each row's most
+    recent full pages, read from the host pool in place, one launch."""
+    plan = DEFAULT_PAGE_CACHE_PLAN if plan is None else plan
+    B, H, _, D = cache.hbm_k.shape
+    _prime_kernel[(B * H, plan.prime_workers)](
+        host_k, host_v, cache.hbm_k, cache.hbm_v, lengths, cache.table, cache.owner,
+        *host_k.stride(), *host_v.stride(), *cache.hbm_k.stride(), *cache.hbm_v.stride(), *cache.table.stride()[:2],
+        H, cache.slots, cache.page_size,
+        WORKERS=plan.prime_workers, PAGE_PAD=triton.next_power_of_2(cache.page_size), HEAD_DIM=D,
+        num_warps=plan.num_warps)
+
+
 def append_tokens(cache, host_k, host_v, kr, vr, pos, *, plan: PageCachePlan | None = None) -> None:
     """Tokens ``kr``, ``vr`` ``[B, H, T, D]`` at positions ``pos`` ``[B, T]`` into the host pool
     (``write_host``), and with ``cache`` and T == 1 into its newest slot (``cache.append``)."""
@@ -299,12 +358,12 @@ def append_tokens(cache, host_k, host_v, kr, vr, pos, *, plan: PageCachePlan | N
     cached = cache is not None and T == 1
     c = cache if cached else None
     ck, cv = (c.hbm_k, c.hbm_v) if cached else (host_k, host_v)
-    table, owner, last, freq, clock = (c.table, c.owner, c.last, c.freq, c.clock) if cached else (pos,) * 5
+    table, owner, last, freq, hand, clock = (c.table, c.owner, c.last, c.freq, c.hand, c.clock) if cached else (pos,) * 6
     pos = pos.contiguous()
     _append_kernel[(B * H,)](
-        kr, vr, pos, host_k, host_v, ck, cv, table, owner, last, freq, clock,
+        kr, vr, pos, host_k, host_v, ck, cv, table, owner, last, freq, hand, clock,
         *kr.stride(), *vr.stride(), *host_k.stride(), *host_v.stride(), *ck.stride(), *cv.stride(),
         *(table.stride()[:2] if cached else (0, 0)),
-        H, T, c.slots if cached else 2, c.page_size if cached else 1,
-        SP=_pad(c.slots) if cached else 16, PAGE_PAD=triton.next_power_of_2(c.page_size) if cached else 16,
+        H, T, c.slots if cached else 2, c.window if cached else 1, c.page_size if cached else 1,
+        CP=window_width(c.entries) if cached else 16, PAGE_PAD=triton.next_power_of_2(c.page_size) if cached else 16,
         HEAD_DIM=D, CACHED=cached, FREQUENCY=cached and c.policy == "frequency", num_warps=plan.num_warps)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-__all__ = ["LServeCache", "LServeConfig", "SUPPORTED_MODEL_TYPES", "kv_bytes", "load_embedded_model",
-           "max_batch_size", "patch_model", "unpatch_model"]
+__all__ = ["LServeCache", "LServeConfig", "SUPPORTED_MODEL_TYPES", "hbm_pages_for", "kv_bytes",
+           "load_embedded_model", "max_batch_size", "patch_model", "unpatch_model"]
 __version__ = "0.2.0"
 
 # The public names load on first use (PEP 562): most of them import torch and transformers, which
@@ -15,14 +15,14 @@ __version__ = "0.2.0"
 # lserve_hf.config) should not wait for them.
 _HOME = {"LServeCache": "cache", "LServeConfig": "config", "SUPPORTED_MODEL_TYPES": "patch",
          "kv_bytes": "memory", "load_embedded_model": "embedded", "max_batch_size": "offload",
-         "patch_model": "patch", "unpatch_model": "patch"}
+         "hbm_pages_for": "offload", "patch_model": "patch", "unpatch_model": "patch"}
 
 if TYPE_CHECKING:   # static analysers and IDEs see the names eagerly
     from .cache import LServeCache
     from .config import LServeConfig
     from .embedded import load_embedded_model
     from .memory import kv_bytes
-    from .offload import max_batch_size
+    from .offload import hbm_pages_for, max_batch_size
     from .patch import SUPPORTED_MODEL_TYPES, patch_model, unpatch_model
 
 

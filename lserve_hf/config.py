@@ -103,8 +103,11 @@ class LServeConfig:
             memory then no longer grows with the context (summaries aside: 1/8 of the keys at 16-token
             logical pages). Dense layers keep their pages on the GPU (they read all of them).
         hbm_pages: pages per (row, retrieval KV head) in the GPU page cache, the newest page
-            included. None: 2x ``pages_per_selection``. Raised, if lower, to what one step can read
-            (G query heads per KV head: ``G * pages_per_selection + 1``), so a step always fits.
+            included (at most 65,535). None: 2x ``pages_per_selection``. Raised, if lower, to what
+            one step can read (G query heads per KV head: ``G * pages_per_selection + 1``), so a
+            step always fits. ``lserve_hf.hbm_pages_for(model, context, memory_bytes)`` gives the
+            largest that fits a GPU memory budget; a large cache costs no more a step (victims
+            come from a fixed-size window of slots) and starts primed with the newest pages.
         offload_policy: which cached page a miss replaces: "lru" (default: least recently read) or
             "frequency" (least often read since loaded, then least recently). They tie on the
             embedded model's selections; frequency misses less only where queries jump between

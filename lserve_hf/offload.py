@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .page_cache import PageCache, write_host
+from .page_cache import SLOT_BITS, PageCache, write_host
 from .pages import PagePool, round_up
 
 _STREAMS: dict = {}
@@ -217,6 +217,9 @@ class HostPagePool(PagePool):
             self.cache = PageCache(B, Hr, self.pool_k.shape[-1], page_cache_slots(cfg, G, K),
                                    self.capacity // cfg.page_size, G * K, cfg.page_size, cfg.offload_policy,
                                    self.pool_k.dtype, self.device)
+            self._gpu_after_copy()
+            prime = self._kernels(self.cache.hbm_k)
+            (prime.prime_pages if prime is not None else PageCache.prime)(self.cache, self.pool_k, self.pool_v, lengths)
         self._gpu_after_copy()
         kern = self._kernels(self.cache.hbm_k)
         if kern is not None:
@@ -308,22 +311,13 @@ class BatchFit:
     weights: int             # bytes taken off the budget first (0 with weights=False)
 
 
-def max_batch_size(model, context: int, memory_bytes: int, new_tokens: int = 0, *, weights: bool = True,
-                   host_memory_bytes: int | None = None) -> BatchFit:
-    """The largest batch of rows of ``context`` prompt tokens plus ``new_tokens`` whose KV fits
-    ``memory_bytes`` of GPU memory, with every page on the GPU and with ``offload="host"``, for a
-    model patched with ``patch_model`` (its head pattern and config; the offload figure holds for
-    its config with ``offload="host"``, whatever the config says).
-
-    Counted per row and layer: the streaming heads' sink + ring buffers, the retrieval heads' pages
-    (in memory) or their page cache (``page_cache_slots`` slots, the newest page's included, and its
-    tables), the page summaries once the context passes the budget; dense layers keep their
-    pages on the GPU. ``weights``: the model's parameters are taken off the budget first (the
-    budget is then the GPU's memory); activations are not counted. ``host_memory_bytes``: also
-    bound the offload batch by the pinned host memory its pools take."""
+def _row_bytes(model, context: int, new_tokens: int, hbm_pages: int | None = None):
+    """GPU bytes of one row's KV with every page on the GPU and with offload (``hbm_pages`` slots,
+    None: the config's), its pinned host bytes with offload, and the page cache's bounds
+    (the floor one step reads, and one slot per page past that) for ``max_batch_size``."""
     state = getattr(model, "_lserve", None)
     if state is None:
-        raise ValueError("max_batch_size needs a model patched with lserve_hf.patch_model(model).")
+        raise ValueError("this needs a model patched with lserve_hf.patch_model(model).")
     cfg, mc = state.config, model.config
     G = mc.num_attention_heads // mc.num_key_value_heads
     D = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
@@ -331,7 +325,8 @@ def max_batch_size(model, context: int, memory_bytes: int, new_tokens: int = 0, 
     tokens = context + new_tokens
     cap = round_up(max(tokens, 1), cfg.page_size)
     K = cfg.pages_per_selection          # the read list of a query head (the newest page besides)
-    slots = page_cache_slots(cfg, G, K)
+    floor = G * K + 1
+    slots = page_cache_slots(cfg, G, K) if hbm_pages is None else max(hbm_pages, floor)
     per_head = 2 * cap * D * elt
     summaries = 2 * (cap // cfg.logical_page_size) * D * elt if tokens > cfg.token_budget else 0
     streaming = 2 * (min(cfg.decode_sink, tokens) + min(cfg.decode_local, tokens)) * D * elt
@@ -345,12 +340,55 @@ def max_batch_size(model, context: int, memory_bytes: int, new_tokens: int = 0, 
             host += hr * per_head
         else:
             off += hs * streaming + hr * (per_head + summaries)
-    w = sum(p.numel() * p.element_size() for p in model.parameters()) if weights else 0
+    return mem, off, host, (floor, cap // cfg.page_size + 1)
+
+
+def _weights(model, weights: bool) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) if weights else 0
+
+
+def max_batch_size(model, context: int, memory_bytes: int, new_tokens: int = 0, *, weights: bool = True,
+                   host_memory_bytes: int | None = None) -> BatchFit:
+    """The largest batch of rows of ``context`` prompt tokens plus ``new_tokens`` whose KV fits
+    ``memory_bytes`` of GPU memory, with every page on the GPU and with ``offload="host"``, for a
+    model patched with ``patch_model`` (its head pattern and config; the offload figure holds for
+    its config with ``offload="host"``, whatever the config says).
+
+    Counted per row and layer: the streaming heads' sink + ring buffers, the retrieval heads' pages
+    (in memory) or their page cache (``page_cache_slots`` slots, the newest page's included, and its
+    tables), the page summaries once the context passes the budget; dense layers keep their
+    pages on the GPU. ``weights``: the model's parameters are taken off the budget first (the
+    budget is then the GPU's memory); activations are not counted. ``host_memory_bytes``: also
+    bound the offload batch by the pinned host memory its pools take."""
+    mem, off, host, _ = _row_bytes(model, context, new_tokens)
+    w = _weights(model, weights)
     budget = max(0, memory_bytes - w)
     fit_off = budget // max(off, 1)
     if host_memory_bytes is not None and host:
         fit_off = min(fit_off, host_memory_bytes // host)
     return BatchFit(int(budget // max(mem, 1)), int(fit_off), mem, off, host, w)
+
+
+def hbm_pages_for(model, context: int, memory_bytes: int, batch: int = 1, new_tokens: int = 0, *,
+                  weights: bool = True) -> int | None:
+    """The largest ``hbm_pages`` with which ``batch`` offloaded rows of ``context`` prompt tokens
+    plus ``new_tokens`` fit ``memory_bytes`` of GPU memory (counted as ``max_batch_size`` counts;
+    ``weights``: the parameters come off first). At most one slot per page (a cache that holds
+    every page misses only on its first reads); None when not even one step's reads fit.
+    Leave room for activations: the count does not include them."""
+    budget = max(0, memory_bytes - _weights(model, weights))
+    _, _, _, (lo, hi) = _row_bytes(model, context, new_tokens)
+    hi = min(hi, (1 << SLOT_BITS) - 1)
+
+    def fits(slots):
+        return batch * _row_bytes(model, context, new_tokens, slots)[1] <= budget
+
+    if not fits(lo):
+        return None
+    while lo < hi:                  # the largest slot count that fits: bytes grow with slots
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def check_generate(model, args, kwargs) -> None:

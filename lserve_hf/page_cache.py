@@ -18,6 +18,14 @@ scatter needs a host-side mask.
 - :meth:`PageCache.append`: a decode token goes to host memory and to the newest slot. A token
   that opens a page first moves the full newest page to a victim slot (a device copy: the page
   stays cached, no host read) and claims the last slot for the new page.
+- :meth:`PageCache.prime`: a new cache starts with each row's most recent full pages in its
+  regular slots (recent tokens are the likeliest reads), so the first steps do not load what the
+  cache could have held from the start.
+
+**Victims are sampled** (as Redis approximates LRU): a step weighs the ``window_width`` regular
+slots from a rotating hand (``hand``, per (row, head); it moves on by the window each lookup),
+not all of them, so its cost does not grow with the cache, which may then be as large as the GPU
+holds. A cache no larger than the window weighs every slot: exact LRU (or frequency) order.
 
 Decode reads the cache with the slot ids and ``slot_lengths = (slots - 1) * page_size + tokens
 of the newest page``: slots below the last are then full pages, the last slot holds exactly the
@@ -30,8 +38,20 @@ from __future__ import annotations
 import torch
 
 BIG = 1 << 40          # sorts after every page number
-FREQ_CAP = (1 << 17) - 1  # read counts saturate here: the packed sort keys stay below 2^62
-SLOT_BITS = 12         # slots per (row, head) < 4096: the slot id rides in the low bits of a sort key
+FREQ_CAP = (1 << 13) - 1  # read counts saturate here: the packed sort keys stay below 2^62
+SLOT_BITS = 16         # slots per (row, head) < 65536: the slot id rides in the low bits of a sort key
+
+
+def lanes(n: int) -> int:
+    """Lanes the kernels give ``n`` items: a power of two, at least 16 (``tl.arange``'s floor)."""
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
+
+
+def window_width(entries: int) -> int:
+    """Victim candidates a step weighs: twice the read list's lanes. One step reads at most
+    ``entries`` pages, so at most that many candidates are read this step or taken by its misses,
+    and the window always holds a victim for every miss."""
+    return 2 * lanes(entries)
 
 
 def policy_key(last: torch.Tensor, freq: torch.Tensor, owner: torch.Tensor, policy: str) -> torch.Tensor:
@@ -58,6 +78,8 @@ class PageCache:
         self.last = torch.zeros(B, H, S + 1, dtype=torch.int64, device=device)
         self.freq = torch.zeros(B, H, S + 1, dtype=torch.int32, device=device)
         self.clock = torch.zeros(1, dtype=torch.int64, device=device)     # lookups so far (decode steps)
+        self.window = min(S - 1, window_width(entries))                    # victim candidates a step
+        self.hand = torch.zeros(B, H, dtype=torch.int64, device=device)    # the window's first slot
         self.stats = torch.zeros(B, H, 3, dtype=torch.int64, device=device)  # touched, hits, misses
         # a step's outputs, at fixed addresses (captured decode graphs read them)
         self.entries = entries
@@ -72,8 +94,8 @@ class PageCache:
     def row_bytes(slots, n_pages, entries, head_dim, page_size, elt) -> int:
         """GPU bytes of one (row, head)'s page cache: its slots' keys and values, the page table,
         the per-slot state and a step's buffers (what it and the lookup kernel allocate)."""
-        pad = (max(16, 1 << (entries - 1).bit_length()) + max(16, 1 << (slots - 1).bit_length()))
-        return (2 * slots * page_size * head_dim * elt + 4 * (n_pages + 1) + 16 * (slots + 1) + 24
+        pad = lanes(entries) + window_width(entries)
+        return (2 * slots * page_size * head_dim * elt + 4 * (n_pages + 1) + 16 * (slots + 1) + 32
                 + 8 * (entries + 2) + 4 + 8 * entries + 8 * pad)
 
     @property
@@ -81,7 +103,7 @@ class PageCache:
         return self.table.shape[-1] - 1
 
     def tensors(self) -> dict:
-        names = ("hbm_k", "hbm_v", "table", "owner", "last", "freq", "stats", "slot_ids", "slot_lengths",
+        names = ("hbm_k", "hbm_v", "table", "owner", "last", "freq", "hand", "stats", "slot_ids", "slot_lengths",
                  "load_page", "load_slot", "n_load", "scratch")
         return {n: getattr(self, n) for n in names}
 
@@ -101,6 +123,7 @@ class PageCache:
         self.owner.fill_(-1)
         self.last.zero_()
         self.freq.zero_()
+        self.hand.zero_()
 
     def grow_table(self, n_pages: int) -> None:
         """The host pool now holds ``n_pages`` pages (it grew)."""
@@ -139,14 +162,15 @@ class PageCache:
         spare = torch.full_like(slot_u, S)
         self.last.scatter_(-1, torch.where(hit, slot_u, spare), now.expand(B, H, G * K))
         self.freq.scatter_add_(-1, torch.where(hit, slot_u, spare), hit.int())
-        # victims: slots this step does not read (the newest's never), lowest policy key first
-        s = torch.arange(S, device=p.device)
-        used = (self.last[..., :S] == now) | (s == S - 1)
-        key = policy_key(self.last[..., :S], self.freq[..., :S], self.owner[..., :S], self.policy)
-        order = torch.sort((used.long() << 62) | ((key + 1) << SLOT_BITS) | s, dim=-1).values
+        # victims: the window's slots this step does not read, lowest policy key first
+        cand = self.candidates()
+        c_last, c_freq, c_owner = (t.gather(-1, cand) for t in (self.last, self.freq, self.owner))
+        used = c_last == now
+        key = policy_key(c_last, c_freq, c_owner, self.policy)
+        order = torch.sort((used.long() << 62) | ((key + 1) << SLOT_BITS) | cand, dim=-1).values
         order = order & ((1 << SLOT_BITS) - 1)
         rank = miss.long().cumsum(-1) - 1
-        victim = torch.where(miss, order.gather(-1, rank.clamp(0, S - 1)), -1)
+        victim = torch.where(miss, order.gather(-1, rank.clamp(0, cand.shape[-1] - 1)), -1)
         old = torch.where(miss, self.owner.gather(-1, victim.clamp(min=0)).long(), -1)
         self.table.scatter_(-1, torch.where(old >= 0, old, NP), -1)
         self.table.scatter_(-1, torch.where(miss, u, NP), victim.int())
@@ -180,7 +204,34 @@ class PageCache:
         self.stats[..., 1] += hit.sum(-1) + (has & ~need)
         self.stats[..., 2] += n_miss + need
         self.slot_lengths.copy_((S - 1) * ps + lengths.long() - (n_pg - 1) * ps)
+        self.hand.copy_((self.hand + self.window) % (S - 1))
         self.clock.add_(1)
+
+    def candidates(self) -> torch.Tensor:
+        """The victim window ``[B, H, window]``: regular slots from the hand on, wrapping."""
+        w = torch.arange(self.window, device=self.hand.device)
+        return (self.hand.unsqueeze(-1) + w) % (self.slots - 1)
+
+    def prime(self, host_k: torch.Tensor, host_v: torch.Tensor, lengths: torch.Tensor) -> None:
+        """A new cache's regular slots take each row's most recent full pages of rows of
+        ``lengths`` tokens: slot j the page ``newest - (slots - 1) + j`` where that is a page, so
+        older pages sit in lower slots, which go first among equal keys. Not counted as reads
+        (``kernels.page_cache.prime_pages`` computes the same; a host sync on CUDA)."""
+        B, H, _, D = self.hbm_k.shape
+        S, ps, NP, dev = self.slots, self.page_size, self.n_pages, host_k.device
+        n_pg = (lengths.long() + ps - 1) // ps
+        page = (n_pg - 1).view(B, 1) - (S - 1) + torch.arange(S - 1, device=n_pg.device)   # [B, S-1]
+        ok = page >= 0
+        j = torch.arange(S - 1, device=self.table.device, dtype=torch.int32).expand(B, H, S - 1)
+        self.table.scatter_(-1, torch.where(ok, page, NP).view(B, 1, S - 1).expand(B, H, S - 1), j)
+        self.owner[..., :S - 1] = torch.where(ok, page, -1).view(B, 1, S - 1).int()
+        src = page.clamp(min=0).to(dev)
+        keep = ok.view(B, 1, S - 1, 1, 1).to(self.hbm_k.device)
+        rows = torch.arange(B, device=dev).view(B, 1)
+        for host, hbm in ((host_k, self.hbm_k), (host_v, self.hbm_v)):
+            got = host.view(B, H, -1, ps, D)[rows, :, src].transpose(1, 2).to(hbm.device)   # [B, H, S-1, ps, D]
+            pg = hbm.view(B, H, S, ps, D)
+            pg[:, :, :S - 1] = torch.where(keep, got, pg[:, :, :S - 1])
 
     def load(self, host_k: torch.Tensor, host_v: torch.Tensor) -> None:
         """Copy the pages of the load list from the host pool into their slots (a host sync on
@@ -207,10 +258,9 @@ class PageCache:
         claim = (own != new_page) & (pos % ps == 0).view(B, 1)
         write = (own == new_page) | claim
         retire = claim & (own >= 0)
-        s = torch.arange(S, device=kr.device)
-        key = policy_key(self.last[..., :S], self.freq[..., :S], self.owner[..., :S], self.policy)
-        packed = torch.where(s < S - 1, ((key + 1) << SLOT_BITS) | s, torch.iinfo(torch.int64).max)
-        victim = packed.argmin(-1)                                             # [B, H]
+        cand = self.candidates()
+        key = policy_key(*(t.gather(-1, cand) for t in (self.last, self.freq, self.owner)), self.policy)
+        victim = (((key + 1) << SLOT_BITS) | cand).min(-1).values & ((1 << SLOT_BITS) - 1)   # [B, H]
         for hbm in (self.hbm_k, self.hbm_v):
             pg = hbm.view(B, H, S, ps, D)
             src = torch.where(retire, S - 1, victim).view(B, H, 1, 1, 1).expand(B, H, 1, ps, D)

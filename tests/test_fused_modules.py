@@ -168,3 +168,24 @@ def test_a_recorded_gradient_runs_the_module_s_own_forward():
     with torch.no_grad():
         assert not fused_modules.records_gradient(x, weight)
         assert fused_modules._kernels_take(x, weight) == CUDA       # the CPU always runs the module's own
+
+
+def test_a_long_input_runs_the_mlp_in_token_slices(monkeypatch):
+    """Past MLP_SLICE tokens the fused MLP runs slice by slice (a short last slice too) and gives
+    the module's own output: rows are independent."""
+    model = tiny_llama(layers=1).to(DEV)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 37, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(4)).to(DEV)
+    with torch.no_grad():
+        want = mlp(x)
+    patch_model(model, LServeConfig(streaming_sparsity=0.0))
+    monkeypatch.setattr(fused_modules, "MLP_SLICE", 8)
+    monkeypatch.setattr(fused_modules, "_kernels_take", lambda *t: True)
+    rows = []
+    fused = fused_modules.LServeMLPMixin._fused
+    monkeypatch.setattr(fused_modules.LServeMLPMixin, "_fused", lambda self, xs: rows.append(xs.shape[-2]) or fused(self, xs))
+    with torch.no_grad():
+        got = model.model.layers[0].mlp(x)
+    assert rows == [8, 8, 8, 8, 5]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    unpatch_model(model)

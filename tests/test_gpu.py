@@ -111,25 +111,6 @@ def test_graph_decode_steps_allocate_nothing():
     assert torch.isfinite(out.last_hidden_state).all()
 
 
-@pytest.fixture
-def embedded_on_gpu_box(request):
-    """The embedded model where it is present. A GPU box may lack the package (the GGUF is carried
-    there and named by LSERVE_HF_GGUF_DIR): skip there, say why. The CPU suite's own `embedded`
-    fixture still fails loudly when the model is missing."""
-    import importlib.util
-    import os
-
-    from lserve_hf.embedded import GGUF_FILE, INSTALL_HINT, embedded_model_dir
-
-    try:
-        present = os.path.isfile(os.path.join(embedded_model_dir(), GGUF_FILE))
-    except ImportError:
-        present = False
-    if not present or importlib.util.find_spec("gguf") is None:
-        pytest.skip(f"the embedded GGUF or `gguf` is absent here ({INSTALL_HINT}, or set LSERVE_HF_GGUF_DIR)")
-    return request.getfixturevalue("embedded")
-
-
 def test_graph_decode_equals_eager_on_the_embedded_model(embedded_on_gpu_box):
     from lserve_hf import unpatch_model
     from lserve_hf.passkey import answer_matches, passkey_prompt

@@ -48,10 +48,11 @@ def _padded(B=2, S=150, pad=13, seed=0):
 
 # -- the offloaded path equals the in-memory path -----------------------------------------------
 
-@pytest.mark.parametrize("chunk, dense", [(None, ()), (40, (2,))])
-def test_generate_equals_in_memory_across_evictions(chunk, dense, monkeypatch):
+@pytest.mark.parametrize("chunk, dense, dynamic", [(None, (), False), (40, (2,), False), (64, (), True)])
+def test_generate_equals_in_memory_across_evictions(chunk, dense, dynamic, monkeypatch):
     """Left padding, a page cache of 7 pages for 12 pages per row (evicted and loaded again),
-    one-pass and layer-segmented chunked prefill, a dense layer (its pages stay on the GPU)."""
+    one-pass and layer-segmented chunked prefill, a dense layer (its pages stay on the GPU),
+    dynamic prefill at a fixed 30% of key blocks."""
     from lserve_hf import segmented
 
     staged = []            # at each layer's first chunk: did every earlier layer's KV leave?
@@ -66,6 +67,9 @@ def test_generate_equals_in_memory_across_evictions(chunk, dense, monkeypatch):
     prefill = segmented.prefill
     monkeypatch.setattr(segmented, "prefill", lambda *a: calls.append(1) or prefill(*a))
     cfg = dataclasses.replace(SMALL, prefill_chunk_size=chunk, dense_layers=dense)
+    if dynamic:
+        cfg = dataclasses.replace(cfg, prefill_dynamic=True, dynamic_block=16, dynamic_min_density=0.3,
+                                  dynamic_max_density=0.3, dynamic_dense_tail=16)
     ids, mask = _padded()
     want = _generate(cfg, ids, mask)
     got = _generate(dataclasses.replace(cfg, offload="host", hbm_pages=4), ids, mask)
@@ -95,37 +99,47 @@ def test_beam_search_and_prompt_lookup_equal_in_memory():
         assert torch.equal(got.sequences, want.sequences), kw
 
 
-def test_embedded_model_gives_the_in_memory_tokens(embedded):
-    """The embedded model on a ~2K-token passkey prompt, budget 256, a page cache of 8 pages
-    asked (raised to 3 query heads x 4 pages + 1 = 13 for 32 pages a row), 16 new tokens."""
+def _embedded_offload_vs_memory(model, tok, device, new, **kw):
+    """The embedded model on a ~2K-token passkey prompt, budget 256, in memory and offloaded with
+    a page cache of 8 pages asked (raised to 3 query heads x 4 pages + 1 = 13 for 32 pages a row):
+    both outputs of ``generate()``."""
     from lserve_hf.passkey import passkey_prompt
 
-    model, tok = embedded
     p = passkey_prompt(tok, 2000, 0.5, chat=False)
-    x = tok(p.text, return_tensors="pt", add_special_tokens=False)
-    base = LServeConfig(token_budget=256, prefill_chunk_size=1024)
+    x = tok(p.text, return_tensors="pt", add_special_tokens=False).to(device)
+    base = LServeConfig(token_budget=256, prefill_chunk_size=1024, **kw)
     out = {}
     try:
         for name, cfg in (("memory", base), ("offload", dataclasses.replace(base, offload="host", hbm_pages=8))):
             patch_model(model, cfg)
             with torch.no_grad():
-                out[name] = model.generate(**x, max_new_tokens=16, do_sample=False, return_dict_in_generate=True)
+                out[name] = model.generate(**x, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
     finally:
         unpatch_model(model)
-    assert torch.equal(out["offload"].sequences, out["memory"].sequences)
     ws = out["offload"].past_key_values.working_set()
-    new = out["offload"].sequences.shape[1] - x.input_ids.shape[1]        # up to 16: the answer may end
-    assert ws["slots"][0] == 13 and ws["misses"] > 0 and ws["steps"] == new - 1 > 0
+    assert ws["slots"][0] == 13 and ws["misses"] > 0
+    return out, x.input_ids.shape[1], ws
+
+
+def test_embedded_model_gives_the_in_memory_tokens(embedded):
+    """On the CPU (torch reference path), 16 new tokens."""
+    model, tok = embedded
+    out, n, ws = _embedded_offload_vs_memory(model, tok, "cpu", 16)
+    assert torch.equal(out["offload"].sequences, out["memory"].sequences)
+    assert ws["steps"] == out["offload"].sequences.shape[1] - n - 1 > 0      # up to 16: the answer may end
 
 
 # -- the page cache: reference against brute force, kernels against the reference ---------------
 
 class BruteCache:
-    """The page cache of one (row, head) as a dict, written from the rules in page_cache's
-    docstring, not from its code."""
+    """The page cache of one (row, head) as lists, written from the rules in page_cache's
+    docstring, not from its code: ``window`` victim candidates from a hand that moves on by the
+    window each lookup (every regular slot when the cache is no larger)."""
 
-    def __init__(self, slots, policy):
+    def __init__(self, slots, policy, window):
         self.S, self.policy = slots, policy
+        self.C = min(slots - 1, window)
+        self.hand = 0
         self.owner = [-1] * slots
         self.last = [0] * slots
         self.freq = [0] * slots
@@ -138,13 +152,23 @@ class BruteCache:
             return (-1, s)
         if self.policy == "lru":
             return (self.last[s], s)
-        return (min(self.freq[s], 2 ** 17 - 1) * 2 ** 32 + self.last[s], s)
+        return (min(self.freq[s], 2 ** 13 - 1) * 2 ** 32 + self.last[s], s)
+
+    def window(self):
+        return [(self.hand + i) % (self.S - 1) for i in range(self.C)]
+
+    def prime(self, length, ps):
+        """Regular slot j takes page newest - (S - 1) + j where that is a page."""
+        newest, R = (length + ps - 1) // ps - 1, self.S - 1
+        for j in range(R):
+            if newest - R + j >= 0:
+                self.owner[j] = newest - R + j
 
     def append(self, pos, ps):
         page, S = pos // ps, self.S
         if self.owner[S - 1] != page and pos % ps == 0:
             if self.owner[S - 1] >= 0:              # the full newest page moves to a victim slot
-                v = min(range(S - 1), key=self.key)
+                v = min(self.window(), key=self.key)
                 self.owner[v], self.last[v], self.freq[v] = self.owner[S - 1], self.clock, self.freq[S - 1]
             self.owner[S - 1], self.freq[S - 1] = page, 0
 
@@ -158,12 +182,13 @@ class BruteCache:
         hits = [p for p in pages if p in where]
         for p in hits:
             self.last[where[p]], self.freq[where[p]] = now, self.freq[where[p]] + 1
-        free = [s for s in range(S - 1) if self.last[s] != now]
+        free = [s for s in self.window() if self.last[s] != now]
         victims = sorted(free, key=self.key)
         for p in (p for p in pages if p not in where):
             v = victims.pop(0)
             self.owner[v], self.last[v], self.freq[v] = p, now, 1
             where[p] = v
+        self.hand = (self.hand + self.C) % (S - 1)
         need = self.owner[S - 1] != newest
         self.owner[S - 1], self.last[S - 1] = newest, now
         self.freq[S - 1] = 1 if need else self.freq[S - 1] + 1
@@ -187,17 +212,24 @@ def _host(x):
     return t.copy_(x)
 
 
-def _drive(caches, steps, kernels, H=2, G=2, n_sel=3, ps=4, D=8, seed=0):
+def _drive(caches, steps, kernels, H=2, G=2, n_sel=3, ps=4, D=8, seed=0, start=(21, 30), tokens=128,
+           prime=False, brute=None):
     """``steps`` decode steps (a token appended, the pages looked up and loaded; a new selection
-    every other step) on PageCaches of two rows, through the kernels where ``kernels[i]``: yields
-    the first cache's host pool, the read lists, lengths and token positions each step."""
+    every other step) on PageCaches of two rows of ``start`` tokens, through the kernels where
+    ``kernels[i]``, primed first with ``prime`` (``brute``: the BruteCaches by (row, head), primed
+    too): yields the first cache's host pool, the read lists, lengths and token positions each step."""
     from lserve_hf.kernels import page_cache as KP
 
     gen = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([21, 30], device=DEV)
+    lengths = torch.tensor(start, device=DEV)
     B = 2
-    host_k, host_v = torch.randn(B, H, 128, D, generator=gen), torch.randn(B, H, 128, D, generator=gen)
+    host_k, host_v = torch.randn(B, H, tokens, D, generator=gen), torch.randn(B, H, tokens, D, generator=gen)
     pools = [(_host(host_k), _host(host_v)) for _ in caches]
+    if prime:
+        for cache, (hk, hv), kern in zip(caches, pools, kernels):
+            (KP.prime_pages if kern else PageCache.prime)(cache, hk, hv, lengths)
+        for (b, _), bc in (brute or {}).items():
+            bc.prime(start[b], ps)
     for step in range(steps):
         pos = lengths.view(B, 1).clone()
         lengths = lengths + 1
@@ -220,16 +252,23 @@ def _drive(caches, steps, kernels, H=2, G=2, n_sel=3, ps=4, D=8, seed=0):
         yield pools[0], pages, lengths, pos
 
 
-def _cache(policy, slots, H=2, G=2, K=3, ps=4, D=8):
-    return PageCache(2, H, D, slots, 128 // ps, G * K, ps, policy, torch.float32, DEV)
+def _cache(policy, slots, H=2, G=2, K=3, ps=4, D=8, tokens=128):
+    return PageCache(2, H, D, slots, tokens // ps, G * K, ps, policy, torch.float32, DEV)
 
 
-@pytest.mark.parametrize("policy, slots", [("lru", 7), ("frequency", 7), ("lru", 11)])
-def test_reference_lookup_equals_brute_force(policy, slots):
-    ps = 4
-    cache = _cache(policy, slots)
-    brute = {(b, h): BruteCache(slots, policy) for b in range(2) for h in range(2)}
-    for (hk, _), pages, lengths, pos in _drive([cache], 30, [False]):
+# a cache no larger than its victim window (every slot weighed), and one larger (45 slots, a
+# window of 32 for 6 read-list entries), primed, over 128 pages of which the rows use 75-97
+BIG = dict(start=(300, 371), tokens=512, prime=True)
+
+
+@pytest.mark.parametrize("policy, slots, big", [("lru", 7, False), ("frequency", 7, False), ("lru", 11, False),
+                                                ("lru", 45, True), ("frequency", 45, True)])
+def test_reference_lookup_equals_brute_force(policy, slots, big):
+    ps, kw = 4, (BIG if big else {})
+    cache = _cache(policy, slots, tokens=kw.get("tokens", 128))
+    assert cache.window == min(slots - 1, 32)
+    brute = {(b, h): BruteCache(slots, policy, cache.window) for b in range(2) for h in range(2)}
+    for (hk, _), pages, lengths, pos in _drive([cache], 30, [False], brute=brute, **kw):
         for (b, h), bc in brute.items():
             bc.append(int(pos[b]), ps)
             entries = pages[b, h].flatten().tolist()
@@ -244,16 +283,17 @@ def test_reference_lookup_equals_brute_force(policy, slots):
     assert torch.equal(cache.stats.cpu(), counts)
 
 
-@pytest.mark.parametrize("policy", ["lru", "frequency"])
-def test_kernels_equal_reference(policy):
-    """Triton's lookup, load and append leave the reference's state, bit for bit: on CUDA from a
-    pinned host pool (read and written in place), on CPU in the interpreter (CPU tensors)."""
+@pytest.mark.parametrize("policy, slots, big", [("lru", 7, False), ("frequency", 7, False), ("lru", 45, True)])
+def test_kernels_equal_reference(policy, slots, big):
+    """Triton's prime, lookup, load and append leave the reference's state, bit for bit: on CUDA
+    from a pinned host pool (read and written in place), on CPU in the interpreter (CPU tensors)."""
     pytest.importorskip("triton")
-    ref, tri = _cache(policy, 7), _cache(policy, 7)
-    for _ in _drive([ref, tri], 12, [False, True]):
+    kw = BIG if big else {}
+    ref, tri = (_cache(policy, slots, tokens=kw.get("tokens", 128)) for _ in range(2))
+    for _ in _drive([ref, tri], 12, [False, True], **kw):
         for name in ("table", "owner", "last", "freq"):
             assert torch.equal(getattr(ref, name)[..., :-1], getattr(tri, name)[..., :-1]), name
-        for name in ("stats", "slot_ids", "slot_lengths", "n_load", "clock", "hbm_k", "hbm_v"):
+        for name in ("stats", "slot_ids", "slot_lengths", "n_load", "clock", "hand", "hbm_k", "hbm_v"):
             assert torch.equal(getattr(ref, name), getattr(tri, name)), name
     # a multi-token append writes host memory only
     from lserve_hf.kernels import page_cache as KP
@@ -343,6 +383,31 @@ def test_max_batch_size_grows_with_memory_and_offload_fits_more():
     unpatch_model(model)
 
 
+def test_hbm_pages_for_is_the_largest_page_cache_that_fits():
+    """The slot count hbm_pages_for returns fits the budget with max_batch_size's count, one more
+    slot does not (or it is one slot per page); too small a budget gives None."""
+    from lserve_hf import hbm_pages_for
+
+    model = patch_model(tiny_llama(layers=3, heads=4, kv_heads=2), SMALL, PATTERN)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        def row(pages):
+            patch_model(model, dataclasses.replace(SMALL, offload="host", hbm_pages=pages), PATTERN)
+            return max_batch_size(model, 4096, 2 ** 40, 64).row_bytes_offload
+
+        floor = row(1)                                   # raised to one step's reads
+        for batch, extra in ((1, floor + 5000), (3, 3 * floor + 40000), (2, 2 ** 30)):
+            patch_model(model, SMALL, PATTERN)
+            pages = hbm_pages_for(model, 4096, weights + extra, batch, 64)
+            assert pages is not None and batch * row(pages) <= extra
+            assert pages == 4160 // 16 + 1 or batch * row(pages + 1) > extra, (batch, extra, pages)
+        assert pages == 4160 // 16 + 1                    # a GiB holds every page: one slot each
+        patch_model(model, SMALL, PATTERN)
+        assert hbm_pages_for(model, 4096, weights + floor - 1, 1, 64) is None
+    finally:
+        unpatch_model(model)
+
+
 # -- on CUDA: the Triton kernels, pinned host memory, CUDA graphs ------------------------------------
 
 @gpu
@@ -384,3 +449,16 @@ def test_gpu_offloaded_generate_equals_in_memory(graphs):
     assert (out["offload"].sequences == out["memory"].sequences).float().mean() > 0.95
     ws = out["offload"].past_key_values.working_set()
     assert ws["steps"] == out["offload"].sequences.shape[1] - ids.shape[1] - 1 and ws["misses"] > 0
+
+
+@gpu
+@pytest.mark.parametrize("graphs", [False, True])
+def test_gpu_embedded_model_gives_the_in_memory_tokens(embedded_on_gpu_box, graphs):
+    """On CUDA (float32, Triton kernels, pinned host pool, primed page cache), eager or in
+    graphs, 24 new tokens."""
+    model, tok = embedded_on_gpu_box
+    try:
+        out, _, _ = _embedded_offload_vs_memory(model.cuda(), tok, "cuda", 24, cuda_graphs=graphs)
+    finally:
+        model.cpu()
+    assert torch.equal(out["offload"].sequences, out["memory"].sequences)
