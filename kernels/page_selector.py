@@ -11,8 +11,10 @@ Two or three small launches, none of which waits on the host:
    and "higher score first, then lower page first" is plain descending order: the reference's
    stable-sort tie rule, exactly.
 2. ``_topk_kernel``: each chunk of keys is sorted (through ``tl.topk``, which stops merging past
-   the kept keys, when the plan asks and Triton has it) and keeps its best ``n_select``, then
-   one more launch sorts the survivors (skipped when there is a single chunk).
+   the kept keys, when the plan asks and Triton has it) and keeps its best ``n_select``; rounds
+   repeat on the survivors until one chunk holds them all, and a last launch of the same kernel
+   ranks those. Every round at every context length is the one compiled kernel (the chunk size
+   fixed, the final round's flag a runtime value), so a longer prompt compiles nothing.
 
 Reference: lserve_hf.reference.select_pages (and lserve_hf.reference.page_scores).
 """
@@ -66,7 +68,7 @@ DEFAULT_SELECT_PLAN = SelectPlan()
 # the head dim, the score rows are padded to 16.
 LENGTH_ARGS = {
     "_score_dot_kernel": ["P", "NL"],
-    "_topk_kernel": ["n_keys", "n_out", "P"],
+    "_topk_kernel": ["n_keys", "n_out", "P", "stride_row_in", "stride_row_out"],
 }
 
 
@@ -157,12 +159,14 @@ def _score_block(Q, KMAX, KMIN, LENGTHS, OUT, pid_bh,
         tl.store(o_base + o_off, score, mask=ok)
 
 
-@triton.jit(do_not_specialize=LENGTH_ARGS["_topk_kernel"])
-def _topk_kernel(KEYS, OUT, NEED, n_keys, n_out, P, stride_row_in, stride_row_out,
-                 CHUNK: tl.constexpr, K_KEEP: tl.constexpr, FINAL: tl.constexpr, GDC: tl.constexpr,
+@triton.jit(do_not_specialize=LENGTH_ARGS["_topk_kernel"] + ["final"])
+def _topk_kernel(KEYS, OUT, NEED, n_keys, n_out, P, stride_row_in, stride_row_out, final,
+                 CHUNK: tl.constexpr, K_KEEP: tl.constexpr, GDC: tl.constexpr,
                  PARTIAL: tl.constexpr, HAS_NEED: tl.constexpr):
     """Sort one chunk of CHUNK keys of one row, descending, and keep the first K_KEEP: as keys
-    into the next round, or (FINAL) as page indices; ranks past the P pages get the rank itself.
+    into the next round, or (``final`` nonzero) as page indices; ranks past the P pages get the
+    rank itself. ``final`` is a runtime value, so every round of every context length runs one
+    compiled kernel.
     PARTIAL: ``tl.topk`` (a bitonic sort that stops merging past K_KEEP) instead of a full sort;
     the keys are distinct, so both keep the same keys in the same order. HAS_NEED: a row not
     flagged in NEED is skipped (its OUT keeps what it held)."""
@@ -170,17 +174,17 @@ def _topk_kernel(KEYS, OUT, NEED, n_keys, n_out, P, stride_row_in, stride_row_ou
     row = tl.program_id(1)
     if HAS_NEED:
         if tl.load(NEED + row) != 0:
-            _topk_chunk(KEYS, OUT, row, n_keys, n_out, P, stride_row_in, stride_row_out, CHUNK, K_KEEP,
-                        FINAL, PARTIAL)
+            _topk_chunk(KEYS, OUT, row, n_keys, n_out, P, stride_row_in, stride_row_out, final, CHUNK,
+                        K_KEEP, PARTIAL)
     else:
-        _topk_chunk(KEYS, OUT, row, n_keys, n_out, P, stride_row_in, stride_row_out, CHUNK, K_KEEP,
-                    FINAL, PARTIAL)
+        _topk_chunk(KEYS, OUT, row, n_keys, n_out, P, stride_row_in, stride_row_out, final, CHUNK,
+                    K_KEEP, PARTIAL)
     gdc_end(GDC)
 
 
 @triton.jit
-def _topk_chunk(KEYS, OUT, row, n_keys, n_out, P, stride_row_in, stride_row_out,
-                CHUNK: tl.constexpr, K_KEEP: tl.constexpr, FINAL: tl.constexpr, PARTIAL: tl.constexpr):
+def _topk_chunk(KEYS, OUT, row, n_keys, n_out, P, stride_row_in, stride_row_out, final,
+                CHUNK: tl.constexpr, K_KEEP: tl.constexpr, PARTIAL: tl.constexpr):
     """One program's chunk of _topk_kernel."""
     chunk = tl.program_id(0)
     offs = tl.arange(0, CHUNK)
@@ -192,7 +196,7 @@ def _topk_chunk(KEYS, OUT, row, n_keys, n_out, P, stride_row_in, stride_row_out,
         offs = tl.arange(0, K_KEEP)
     else:
         keys = tl.sort(keys, 0, descending=True)
-    if FINAL:
+    if final != 0:
         page = 2147483647 - (keys & 4294967295)
         page = tl.where(offs < P, page, offs)
         tl.store(OUT + row.to(tl.int64) * stride_row_out + offs, page, mask=offs < n_out)
@@ -355,21 +359,19 @@ def select_pages(q, kmax, kmin, lengths, page_size, logical_page_size, n_select,
     partial = plan.partial_sort and hasattr(tl, "topk")
     # tl.topk of Triton 3.6 cannot keep a single key (its last reduction leaves a scalar)
     k_keep = triton.next_power_of_2(max(n_select, 2 if partial else 1))
-    # the same for every round: keys kept per chunk, PDL mode, partial sorting, launch shape
-    kw = dict(K_KEEP=k_keep, GDC=gdc_mode(pdl, plan.pdl), PARTIAL=partial, HAS_NEED=need is not None,
-              num_warps=plan.sort_warps, **pdl)
-    flags = need if need is not None else keys
+    # one compiled kernel for every round at every length: keys kept per chunk, chunk size (the
+    # final round's too: a final round over fewer keys masks the rest), PDL mode, partial sorting
     chunk = max(plan.chunk, 2 * k_keep)
-    n_chunks = triton.cdiv(P, chunk)
-    if n_chunks <= 1:
-        # one chunk of at least `chunk` keys whatever the context: one compiled variant up to it
-        size = max(triton.next_power_of_2(max(P, n_select, 2)), chunk)
-        _topk_kernel[(1, rows)](keys, out, flags, P, n_select, P, row, n_select, CHUNK=size, FINAL=True, **kw)
-        return out
-    cand = torch.empty(rows, n_chunks * k_keep, dtype=torch.int64, device=q.device)
-    _topk_kernel[(n_chunks, rows)](keys, cand, flags, P, 0, P, row, n_chunks * k_keep, CHUNK=chunk,
-                                   FINAL=False, **kw)
-    size = triton.next_power_of_2(n_chunks * k_keep)
-    _topk_kernel[(1, rows)](cand, out, flags, n_chunks * k_keep, n_select, P, n_chunks * k_keep, n_select,
-                            CHUNK=size, FINAL=True, **kw)
+    kw = dict(CHUNK=chunk, K_KEEP=k_keep, GDC=gdc_mode(pdl, plan.pdl), PARTIAL=partial,
+              HAS_NEED=need is not None, num_warps=plan.sort_warps, **pdl)
+    flags = need if need is not None else keys
+    # rounds of chunk-wise top-k until one chunk holds every candidate: the top n_select of all
+    # keys are among each chunk's top k_keep >= n_select
+    src, n, stride = keys, P, row
+    while n > chunk:
+        n_chunks = triton.cdiv(n, chunk)
+        cand = torch.empty(rows, n_chunks * k_keep, dtype=torch.int64, device=q.device)
+        _topk_kernel[(n_chunks, rows)](src, cand, flags, n, 0, P, stride, n_chunks * k_keep, 0, **kw)
+        src, n, stride = cand, n_chunks * k_keep, n_chunks * k_keep
+    _topk_kernel[(1, rows)](src, out, flags, n, n_select, P, stride, n_select, 1, **kw)
     return out

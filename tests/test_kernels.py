@@ -310,6 +310,33 @@ def test_select_pages_exact_with_ties(chunk, dtype, partial):
     assert torch.equal(scores[..., :3], scores[..., 3:6]) and torch.equal(scores[..., :3], scores[..., 6:9])
 
 
+def test_select_pages_runs_one_topk_variant_at_every_length(monkeypatch):
+    """Contexts of one chunk of keys, of several (two rounds) and of more (three): the reference's
+    selection each time, through launches that share every compile-time argument, so a longer
+    prompt compiles nothing new."""
+    plan = SelectPlan(chunk=16)
+    real, variants, launches = PS._topk_kernel, set(), []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                variants.add(tuple(sorted((k, v) for k, v in kw.items() if k.isupper())))
+                launches[-1] += 1
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(PS, "_topk_kernel", Recorder())
+    B, Hkv, G, D, ps, lp = 1, 1, 2, 64, 16, 4
+    for T, n in ((128, 100), (1024, 1001), (4096, 4003)):          # 7, 63 and 251 pages
+        kmax, kmin = _summaries(B, Hkv, T, D, [n], lp, torch.float32, integer=False)
+        q = _randn(B, Hkv, G, D, dtype=torch.float32)
+        L = torch.tensor([n], device=DEV)
+        launches.append(0)
+        got = PS.select_pages(q, kmax, kmin, L, ps, lp, 2, plan=plan)
+        assert torch.equal(got, R.select_pages(q, kmax, kmin, L, ps, lp, 2)), T
+    assert launches == [1, 2, 3] and len(variants) == 1, (launches, variants)    # rounds: 1, 2, 3
+
+
 @pytest.mark.parametrize("chunk", [16, 512])
 def test_select_pages_only_for_the_flagged_query_heads(chunk):
     """need/out (the drift selector): flagged query heads get the reference's fresh selection,

@@ -68,3 +68,36 @@ def test_three_prompt_lengths_compile_each_kernel_once():
         counts.append({(m.__name__, k): sum(len(c[0]) for c in getattr(m, k).device_caches.values())
                        for m in MODULES for k in m.LENGTH_ARGS})
     assert counts[1] == counts[2] == counts[0], counts
+
+
+def _compiled() -> dict:
+    """Compiled variants of every Triton kernel of the package, by (module, kernel)."""
+    mods = MODULES + tuple(importlib.import_module(f"lserve_hf.kernels.{m}") for m in ("page_cache", "prefill_blocks"))
+    return {(m.__name__, k): sum(len(c[0]) for c in f.device_caches.values())
+            for m in mods for k, f in vars(m).items() if hasattr(f, "device_caches")}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_longer_prompts_past_one_selection_chunk_compile_nothing_new():
+    """After a 20K-token generate() (chunked prefill, selection in one top-k round), prompts whose
+    page counts take two and three rounds of the selection's top-k (40K, 70K; chunk of 512 pages,
+    plan.chunk) and one more length compile no kernel."""
+    from conftest import tiny_llama
+    from lserve_hf import LServeConfig, patch_model
+    from lserve_hf.kernels.page_selector import DEFAULT_SELECT_PLAN
+
+    model = tiny_llama(layers=2, heads=8, kv_heads=2, head_dim=128, vocab=500).cuda()
+    model.config.max_position_embeddings = 1 << 17
+    patch_model(model, LServeConfig(streaming_sparsity=0.5, token_budget=1024, prefill_chunk_size=8192),
+                head_pattern=torch.tensor([[0.9, 0.1], [0.2, 0.8]]))
+    counts = []
+    lengths = (20000, 40000, 70000, 70001)
+    assert 40000 // 64 > DEFAULT_SELECT_PLAN.chunk and 70000 // 64 > 2 * DEFAULT_SELECT_PLAN.chunk
+    for n in lengths:
+        ids = torch.randint(1, 500, (1, n), device="cuda")
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=6, do_sample=False)
+        counts.append(_compiled())
+    grew = [{k: (a.get(k, 0), b[k]) for k in b if a.get(k, 0) != b[k]} for a, b in zip(counts, counts[1:])]
+    assert not any(grew), dict(zip(lengths[1:], grew))
