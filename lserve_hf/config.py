@@ -198,6 +198,9 @@ class LServeConfig:
             raise ValueError(f"offload={self.offload!r} is not None or 'host'.")
         if self.hbm_pages is not None:
             set_(self, "hbm_pages", _integer("hbm_pages", self.hbm_pages, 1))
+            if self.hbm_pages > 65535:     # lserve_hf.page_cache.SLOT_BITS: a slot id fits 16 bits
+                raise ValueError(f"hbm_pages={self.hbm_pages} is more than the page cache's 65535 slots per row "
+                                 "and KV head (at 64-token pages, 4M tokens); lower it.")
         if self.offload_policy not in ("lru", "frequency"):
             raise ValueError(f"offload_policy={self.offload_policy!r} is not one of 'lru', 'frequency'.")
         set_(self, "_validated", True)

@@ -33,6 +33,7 @@ def test_defaults_scale_down_for_short_context_models():
     (dict(selector_interval=0), ["selector_interval"]),
     (dict(dense_layers=(-1,)), ["dense_layers"]),
     (dict(backend="cuda"), ["backend", "triton"]),
+    (dict(offload="host", hbm_pages=70000), ["hbm_pages=70000", "65535", "lower it"]),
 ])
 def test_invalid_fields_name_the_field_and_the_fix(kwargs, words):
     with pytest.raises(ValueError) as err:
