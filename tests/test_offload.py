@@ -87,6 +87,21 @@ def test_generate_equals_in_memory_across_evictions(chunk, dense, dynamic, monke
     assert 0 < ws["hit_rate"] < 1
 
 
+def test_a_cache_larger_than_its_victim_window_gives_the_in_memory_tokens():
+    """36 slots against a victim window of 32 (2 query heads x 3 pages: 16 lanes, twice), so
+    victims come from the rotating window; 47 pages a row, so the primed cache evicts."""
+    ids, mask = _padded(S=700, pad=21, seed=4)
+    want = _generate(SMALL, ids, mask)
+    got = _generate(dataclasses.replace(SMALL, offload="host", hbm_pages=36), ids, mask)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    ws = got.past_key_values.working_set()
+    caches = [layer.pool.cache for layer in got.past_key_values.layers if isinstance(layer.pool, HostPagePool)]
+    assert ws["slots"][0] == 36 and all(c.window == 32 for c in caches)
+    assert ws["misses"] > 0 and ws["hit_rate"] > 0.5       # primed with the newest pages: mostly hits
+
+
 def test_beam_search_and_prompt_lookup_equal_in_memory():
     """Beam reordering (rows of host memory moved in place) and assisted decoding (multi-token
     appends, crops: the page cache starts over) give the in-memory tokens."""
