@@ -212,16 +212,16 @@ class HostPagePool(PagePool):
         (physical pages, -1 empty), the misses loaded from host memory: all on the device, no
         host sync (the step may be a captured graph)."""
         B, Hr, G, K = pages.shape
-        if self.cache is None:
+        self._gpu_after_copy()
+        new = self.cache is None
+        if new:
             cfg = self.config
             self.cache = PageCache(B, Hr, self.pool_k.shape[-1], page_cache_slots(cfg, G, K),
                                    self.capacity // cfg.page_size, G * K, cfg.page_size, cfg.offload_policy,
                                    self.pool_k.dtype, self.device)
-            self._gpu_after_copy()
-            prime = self._kernels(self.cache.hbm_k)
-            (prime.prime_pages if prime is not None else PageCache.prime)(self.cache, self.pool_k, self.pool_v, lengths)
-        self._gpu_after_copy()
         kern = self._kernels(self.cache.hbm_k)
+        if new:      # a new cache starts with each row's newest pages (page_cache's docstring)
+            (kern.prime_pages if kern is not None else PageCache.prime)(self.cache, self.pool_k, self.pool_v, lengths)
         if kern is not None:
             kern.lookup_pages(self.cache, pages, lengths)
             kern.load_pages(self.cache, self.pool_k, self.pool_v)
@@ -311,13 +311,13 @@ class BatchFit:
     weights: int             # bytes taken off the budget first (0 with weights=False)
 
 
-def _row_bytes(model, context: int, new_tokens: int, hbm_pages: int | None = None):
+def _row_bytes(model, context: int, new_tokens: int, hbm_pages: int | None = None, caller: str = "max_batch_size"):
     """GPU bytes of one row's KV with every page on the GPU and with offload (``hbm_pages`` slots,
     None: the config's), its pinned host bytes with offload, and the page cache's bounds
     (the floor one step reads, and one slot per page past that) for ``max_batch_size``."""
     state = getattr(model, "_lserve", None)
     if state is None:
-        raise ValueError("this needs a model patched with lserve_hf.patch_model(model).")
+        raise ValueError(f"{caller} needs a model patched with lserve_hf.patch_model(model).")
     cfg, mc = state.config, model.config
     G = mc.num_attention_heads // mc.num_key_value_heads
     D = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
@@ -377,7 +377,7 @@ def hbm_pages_for(model, context: int, memory_bytes: int, batch: int = 1, new_to
     every page misses only on its first reads); None when not even one step's reads fit.
     Leave room for activations: the count does not include them."""
     budget = max(0, memory_bytes - _weights(model, weights))
-    _, _, _, (lo, hi) = _row_bytes(model, context, new_tokens)
+    _, _, _, (lo, hi) = _row_bytes(model, context, new_tokens, caller="hbm_pages_for")
     hi = min(hi, (1 << SLOT_BITS) - 1)
 
     def fits(slots):
