@@ -301,16 +301,13 @@ def _append_kernel(KR, VR, POS, HK, HV, CK, CV, TABLE, OWNER, LAST, FREQ, HAND, 
             tl.store(CV + b * scv_b + h * scv_h + off * scv_t + d * scv_d, tl.load(vr).to(CV.dtype.element_ty))
 
 
-_pad = lanes
-
-
 def lookup_pages(cache, pages: torch.Tensor, lengths: torch.Tensor, *, plan: PageCachePlan | None = None) -> None:
     """``cache.lookup(pages, lengths)`` (a ``lserve_hf.page_cache.PageCache``) in one launch: slot
     ids into ``cache.slot_ids``, victims, load list, counters; then the step clock advances."""
     plan = DEFAULT_PAGE_CACHE_PLAN if plan is None else plan
     B, H, G, K = pages.shape
     # the window's lanes follow the read list, not the slot count: a cache of any size compiles nothing new
-    EP, CP = _pad(G * K), window_width(G * K)
+    EP, CP = lanes(G * K), window_width(G * K)
     out = cache.output_for(pages)
     if cache.scratch is None or cache.scratch.shape != (B, H, EP + CP):
         cache.scratch = torch.empty(B, H, EP + CP, dtype=torch.int64, device=pages.device)
